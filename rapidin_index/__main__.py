@@ -1,0 +1,3 @@
+from rapidin_index.cli import main
+
+main()

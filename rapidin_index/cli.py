@@ -1,0 +1,375 @@
+"""The ``rapidin-index`` command line: build, query, info.
+
+Logging is configured here and only here. Every :class:`RapidInError` becomes a one-line
+``Error:`` message and exit status 1; usage errors exit with 2 as usual for click.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+import click
+
+from rapidin_index import __version__
+from rapidin_index.errors import RapidInError
+
+logger = logging.getLogger("rapidin_index")
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    )
+    root = logging.getLogger("rapidin_index")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # transformers and friends are chatty at INFO; keep them to warnings.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:  # transformers' own weight-loading bars would interleave with ours
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except RapidInError as err:
+            raise click.ClickException(str(err)) from None
+
+
+@click.group(cls=_Group)
+@click.version_option(__version__, prog_name="rapidin-index")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+def cli(verbose: int, quiet: bool, no_progress: bool) -> None:
+    """Which training examples, and which of their tokens, made the model write this?"""
+    _setup_logging(verbose, quiet)
+    if no_progress:
+        os.environ["RAPIDIN_INDEX_NO_PROGRESS"] = "1"
+
+
+def _model_options(fn):
+    fn = click.option(
+        "--load-in-4bit",
+        is_flag=True,
+        default=None,
+        help="Load the base model in 4-bit NF4 with bitsandbytes (QLoRA).",
+    )(fn)
+    fn = click.option(
+        "--adapter",
+        type=click.Path(exists=True, file_okay=False),
+        help="A PEFT LoRA adapter directory; gradients are taken w.r.t. it.",
+    )(fn)
+    fn = click.option(
+        "--model",
+        "model_spec",
+        metavar="PATH|GGUF|HUB_ID",
+        help="Checkpoint directory, .gguf file or hub id "
+        "[default: the embedded SmolLM2-135M-Instruct].",
+    )(fn)
+    return fn
+
+
+@cli.command()
+@click.option(
+    "--data",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Training data: JSONL or JSON array of Alpaca records.",
+)
+@click.option(
+    "--index",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Index directory (created, or resumed when it exists).",
+)
+@_model_options
+@click.option(
+    "--params",
+    multiple=True,
+    metavar="GLOB",
+    help="Only parameters whose name matches (repeatable) [default: all trainable].",
+)
+@click.option(
+    "--normalization",
+    type=click.Choice(["layer", "none"]),
+    default="layer",
+    show_default=True,
+    help="Layer-wise L2 normalisation of gradients (paper) or none.",
+)
+@click.option(
+    "--template",
+    type=click.Choice(["alpaca", "chat"]),
+    default="alpaca",
+    show_default=True,
+    help="Prompt template.",
+)
+@click.option(
+    "--max-length",
+    type=int,
+    default=512,
+    show_default=True,
+    help="Truncate examples to this many tokens.",
+)
+@click.option(
+    "-k",
+    "--k",
+    "k",
+    type=int,
+    default=1 << 16,
+    show_default=True,
+    help="RapidGrad length K (a power of two).",
+)
+@click.option(
+    "--shuffle-rounds",
+    "shuffle_rounds",
+    type=int,
+    default=20,
+    show_default=True,
+    help="lambda, rounds of random shuffling (Algorithm 1).",
+)
+@click.option("--seed", type=int, default=42, show_default=True, help="Seed of the transform.")
+@click.option("--limit", type=int, default=None, help="Only the first N records.")
+@click.option(
+    "--rows-per-chunk",
+    type=int,
+    default=None,
+    help="Rows per store chunk [default: about 16 MiB per chunk].",
+)
+def build(
+    data,
+    index,
+    model_spec,
+    adapter,
+    load_in_4bit,
+    params,
+    normalization,
+    template,
+    max_length,
+    k,
+    shuffle_rounds,
+    seed,
+    limit,
+    rows_per_chunk,
+) -> None:
+    """Cache a RapidGrad for every training example (resumable)."""
+    from rapidin_index.build import BuildSettings, build_index
+    from rapidin_index.gradients import GradientSettings
+    from rapidin_index.sketch import SketchSettings
+
+    settings = BuildSettings(
+        data=data,
+        index=index,
+        model=model_spec,
+        adapter=adapter,
+        load_in_4bit=bool(load_in_4bit),
+        template=template,
+        max_length=max_length,
+        gradient=GradientSettings(params=tuple(params), normalization=normalization),
+        sketch=SketchSettings(k=k, shuffle_rounds=shuffle_rounds, seed=seed),
+        rows_per_chunk=rows_per_chunk,
+        limit=limit,
+    )
+    report = build_index(settings)
+    click.echo(
+        f"{report.rows} rows in {index} ({report.computed} new, "
+        f"{report.examples_per_second:.2f} examples/s)"
+    )
+
+
+@cli.command()
+@click.option("--index", required=True, type=click.Path(file_okay=False), help="Index directory.")
+@click.option(
+    "--generation",
+    type=click.Path(dir_okay=False),
+    help="Generated text (.txt), or .json/.jsonl records whose output is the generation.",
+)
+@click.option("--prompt", help="The instruction that produced the generation.")
+@click.option("--prompt-file", type=click.Path(dir_okay=False), help="Read --prompt from a file.")
+@click.option("--topk", type=int, default=50, show_default=True, help="How many results.")
+@click.option("--bottom", is_flag=True, help="Also list the k lowest-scoring examples.")
+@click.option(
+    "--method",
+    type=click.Choice(["rapidin", "exact"]),
+    default="rapidin",
+    show_default=True,
+    help="RapidGrad scan, or exact uncompressed TracIn (slow).",
+)
+@click.option(
+    "--engine",
+    type=click.Choice(["auto", "cpu", "gpu"]),
+    default="auto",
+    show_default=True,
+    help="Scan engine.",
+)
+@click.option(
+    "--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True
+)
+@click.option(
+    "--max-new-tokens",
+    type=int,
+    default=128,
+    show_default=True,
+    help="Length of a generation written by the model (with --prompt only).",
+)
+@_model_options
+# --- token-wise options (rapidin_index/tokenwise.py, heatmap.py) ---
+@click.option(
+    "--token-wise",
+    "token_wise",
+    is_flag=True,
+    help="Per-token influence (Eq. 6) of the top results' tokens, from exact "
+    "gradients; adds 'tokens' to JSON and a heat map to the table.",
+)
+@click.option(
+    "--token-topk",
+    type=int,
+    default=3,
+    show_default=True,
+    help="How many top results get token-wise scores.",
+)
+@click.option(
+    "--target-text",
+    metavar="TEXT",
+    help="Attribute only these characters of the generation (every occurrence; "
+    "case-sensitive), e.g. a wrong word: Eq. 7 retrieval over the whole index.",
+)
+@click.option(
+    "--pairwise",
+    is_flag=True,
+    help="Token x token influence matrix (Eq. 8) of the top-1 result, in JSON.",
+)
+@click.option(
+    "--html",
+    "html_path",
+    type=click.Path(dir_okay=False),
+    help="Write a self-contained HTML heat map of the token-wise scores (implies --token-wise).",
+)
+# --- end token-wise options ---
+def query(
+    index,
+    generation,
+    prompt,
+    prompt_file,
+    topk,
+    bottom,
+    method,
+    engine,
+    fmt,
+    max_new_tokens,
+    model_spec,
+    adapter,
+    load_in_4bit,
+    token_wise,
+    token_topk,
+    target_text,
+    pairwise,
+    html_path,
+) -> None:
+    """Rank the training examples that most influenced a generation."""
+    from rapidin_index.query import Attributor, read_query_inputs, results_to_json
+
+    queries = read_query_inputs(generation, prompt, prompt_file)
+    if target_text is not None:
+        import dataclasses
+
+        queries = [dataclasses.replace(q, target_text=target_text) for q in queries]
+    attributor = Attributor(index, model_spec, adapter, load_in_4bit)
+    results = attributor.attribute(
+        queries,
+        topk=topk,
+        bottom=bottom,
+        method=method,
+        engine=engine,
+        max_new_tokens=max_new_tokens,
+    )
+    # --- token-wise scores and heat maps ---
+    token_wise = token_wise or html_path is not None
+    if token_wise or pairwise:
+        from rapidin_index.tokenwise import annotate
+
+        annotate(
+            attributor,
+            results,
+            top=token_topk if token_wise else 0,
+            target_text=target_text,
+            pairwise=pairwise,
+        )
+    if html_path is not None:
+        from rapidin_index.heatmap import write_html
+
+        write_html(html_path, [r.to_json() for r in results])
+    # --- end token-wise ---
+    t = attributor.timings
+    logger.info(
+        "model %.1f s, gradients %.2f s, scan %.3f s",
+        t.model_seconds,
+        t.gradient_seconds,
+        t.scan_seconds,
+    )
+    if fmt == "json":
+        click.echo(results_to_json(results, t))
+    else:
+        from rapidin_index.render import print_results
+
+        print_results(results)
+        if token_wise or pairwise:
+            from rapidin_index.heatmap import print_tokenwise
+
+            print_tokenwise([r.to_json() for r in results])
+
+
+@cli.command()
+@click.option("--index", required=True, type=click.Path(file_okay=False), help="Index directory.")
+@click.option("--verify", is_flag=True, help="Also check every chunk's checksum.")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
+def info(index, verify, as_json) -> None:
+    """Summarise an index's manifest."""
+    from rapidin_index.store import Store
+
+    store = Store.open(index)
+    if verify:
+        store.verify()
+    m = store.manifest
+    if as_json:
+        click.echo(json.dumps(m, indent=2))
+        return
+    s, g, d, mo = m["sketch"], m["gradient"], m["data"], m["model"]
+    lines = [
+        f"index          {index}",
+        f"rows           {store.rows} of {d['records']} records "
+        f"({store.nbytes / 2**20:.1f} MiB, {store.rows_per_chunk} rows per chunk)",
+        f"model          {mo['path']} (config {mo['config_hash']}"
+        + (f", adapter {mo['adapter']} {mo['adapter_hash']}" if mo["adapter"] else "")
+        + (", 4-bit" if mo["load_in_4bit"] else "")
+        + ")",
+        f"data           {d['path']} (sha256 {d['sha256'][:12]}, template {d['template']}, "
+        f"max length {d['max_length']}, {d['truncated']} truncated)",
+        f"gradient       {len(g['parameters'])} tensors, D = {g['dim']:,}, "
+        f"normalization {g['normalization']}",
+        f"sketch         {s['projection']}, K = {s['k']}, lambda = {s['shuffle_rounds']}, "
+        f"seed {s['seed']}, padded D = {s['padded_dim']:,}",
+        f"version        {m['package_version']}",
+    ]
+    if verify:
+        lines.append("checksums      all chunks OK")
+    click.echo("\n".join(lines))
+
+
+def main() -> None:
+    cli(prog_name="rapidin-index")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,330 @@
+"""The on-disk index: a Zarr v3 array of RapidGrads plus a JSON manifest.
+
+Layout of an index directory::
+
+    manifest.json            settings, model and data identity, committed row count
+    rapidgrads/zarr.json     Zarr v3 metadata: shape (rows, K), float16, chunks (R, K)
+    rapidgrads/c/<i>/0       chunk i: R x K float16, raw little-endian, row-major
+    .lock                    held by a running build
+
+The array is uncompressed so a scan can memory-map chunk files directly; any Zarr v3 reader
+(``zarr.open_array(index / "rapidgrads")``) reads it too. The last chunk file is always
+written at full size, padded with zeros, as Zarr expects.
+
+Crash safety: a chunk file is written to a temporary name, fsynced and renamed, then the
+manifest is replaced the same way. The manifest's ``rows`` is the only source of truth for
+how many rows exist, so a reader that reads the manifest first sees a consistent prefix,
+and a build killed at any instant restarts from the last committed row. A rename leaves a
+reader's open memory map on the old file, whose committed prefix is unchanged.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from rapidin_index.errors import SettingsMismatchError, StoreError
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+ARRAY = "rapidgrads"
+FORMAT_VERSION = 1
+# Chunk target size: big enough for sequential reads, small enough to rewrite the partial
+# last chunk at every flush of a running build without noticeable cost.
+CHUNK_BYTES = 16 << 20
+
+
+def default_rows_per_chunk(k: int) -> int:
+    return max(1, CHUNK_BYTES // (2 * k))
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _flatten(prefix: str, value: object, out: dict) -> None:
+    if isinstance(value, dict):
+        for key, sub in value.items():
+            _flatten(f"{prefix}.{key}" if prefix else key, sub, out)
+    else:
+        out[prefix] = value
+
+
+def compare_settings(recorded: dict, requested: dict, hint: str = "") -> None:
+    """Raise :class:`SettingsMismatchError` listing every key where the two differ.
+
+    Only keys present in ``requested`` are compared.
+    """
+    flat_old: dict = {}
+    flat_new: dict = {}
+    _flatten("", recorded, flat_old)
+    _flatten("", requested, flat_new)
+    diffs = {
+        key: (flat_old.get(key), value)
+        for key, value in flat_new.items()
+        if _normalise(flat_old.get(key)) != _normalise(value)
+    }
+    if diffs:
+        raise SettingsMismatchError(diffs, hint)
+
+
+def _normalise(value: object) -> object:
+    # JSON turns tuples into lists; compare them as equal.
+    if isinstance(value, (list, tuple)):
+        return [_normalise(v) for v in value]
+    return value
+
+
+class Store:
+    """An append-only RapidGrad store. Use :meth:`create` or :meth:`open`."""
+
+    def __init__(self, path: Path, manifest: dict) -> None:
+        self.path = Path(path)
+        self.manifest = manifest
+        info = manifest["store"]
+        self.k: int = info["k"]
+        self.rows_per_chunk: int = info["rows_per_chunk"]
+        self._tail: np.ndarray | None = None
+        # Rows appended but not yet committed to disk.
+        self.pending = 0
+        self._lock_handle = None
+
+    # ----------------------------------------------------------------------------- opening
+
+    @classmethod
+    def create(
+        cls, path: str | Path, manifest: dict, k: int, rows_per_chunk: int | None = None
+    ) -> Store:
+        """Create an empty store; ``manifest`` holds the settings sections."""
+        import zarr
+
+        path = Path(path)
+        if (path / MANIFEST).exists():
+            raise StoreError(f"{path} already holds an index; open it instead")
+        rows_per_chunk = rows_per_chunk or default_rows_per_chunk(k)
+        path.mkdir(parents=True, exist_ok=True)
+        zarr.create_array(
+            store=str(path / ARRAY),
+            shape=(0, k),
+            chunks=(rows_per_chunk, k),
+            dtype="float16",
+            compressors=None,
+            filters=None,
+            fill_value=0,
+            zarr_format=3,
+        )
+        full = dict(manifest)
+        full["format_version"] = FORMAT_VERSION
+        full["store"] = {
+            "format": "zarr-v3",
+            "array": ARRAY,
+            "dtype": "float16",
+            "k": k,
+            "rows_per_chunk": rows_per_chunk,
+            "rows": 0,
+            "chunk_crc32": [],
+        }
+        _write_atomic(path / MANIFEST, json.dumps(full, indent=2).encode())
+        logger.info("created index %s (K=%d, %d rows per chunk)", path, k, rows_per_chunk)
+        return cls(path, full)
+
+    @classmethod
+    def open(cls, path: str | Path) -> Store:
+        path = Path(path)
+        manifest_path = path / MANIFEST
+        if not manifest_path.is_file():
+            raise StoreError(f"no index at {path} (missing {MANIFEST}); check --index")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError as err:
+            raise StoreError(f"{manifest_path} is corrupted ({err.msg})") from None
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise StoreError(
+                f"{path}: index format {manifest.get('format_version')} is not supported "
+                f"by this version (expects {FORMAT_VERSION}); rebuild the index"
+            )
+        store = cls(path, manifest)
+        store.check_files()
+        return store
+
+    def reload(self) -> None:
+        """Re-read the manifest, to see rows committed by a concurrent build."""
+        self.manifest = json.loads((self.path / MANIFEST).read_text())
+
+    # ----------------------------------------------------------------------------- reading
+
+    @property
+    def rows(self) -> int:
+        return int(self.manifest["store"]["rows"])
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows * self.k * 2
+
+    def chunk_path(self, index: int) -> Path:
+        return self.path / ARRAY / "c" / str(index) / "0"
+
+    def chunk_files(self, rows: int | None = None) -> list[tuple[str, int, int]]:
+        """``(path, row_start, valid_rows)`` of every chunk holding committed rows."""
+        rows = self.rows if rows is None else rows
+        out = []
+        for start in range(0, rows, self.rows_per_chunk):
+            valid = min(self.rows_per_chunk, rows - start)
+            out.append((str(self.chunk_path(start // self.rows_per_chunk)), start, valid))
+        return out
+
+    def check_files(self) -> None:
+        """Cheap integrity check: every committed chunk exists at full size."""
+        expected = self.rows_per_chunk * self.k * 2
+        for path, _, _ in self.chunk_files():
+            try:
+                size = os.path.getsize(path)
+            except FileNotFoundError:
+                raise StoreError(
+                    f"chunk file {path} is missing; the index is damaged, "
+                    "rebuild it (rapidin-index build)"
+                ) from None
+            if size != expected:
+                raise StoreError(
+                    f"chunk file {path} is truncated ({size} bytes, expected "
+                    f"{expected}); the index is damaged, rebuild it"
+                )
+
+    def _read_chunk(self, index: int, valid: int) -> np.ndarray:
+        data = np.fromfile(self.chunk_path(index), dtype="<f2")
+        return data.reshape(self.rows_per_chunk, self.k)[:valid]
+
+    def verify(self) -> None:
+        """Full integrity check: the CRC32 of every committed chunk's rows."""
+        self.check_files()
+        crcs = self.manifest["store"]["chunk_crc32"]
+        for i, (path, _, valid) in enumerate(self.chunk_files()):
+            crc = zlib.crc32(self._read_chunk(i, valid).tobytes())
+            if crc != crcs[i]:
+                raise StoreError(
+                    f"chunk file {path} is corrupted (checksum mismatch); "
+                    "the index is damaged, rebuild it"
+                )
+
+    def iter_blocks(self, rows: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(row_start, block)``, block an (n, K) uint16 memory map of fp16 bits."""
+        for path, start, valid in self.chunk_files(rows):
+            block = np.memmap(path, dtype="<u2", mode="r", shape=(self.rows_per_chunk, self.k))
+            yield start, block[:valid]
+
+    def read_rows(self, ids: np.ndarray | list[int]) -> np.ndarray:
+        """(len(ids), K) float16 rows by id."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.rows):
+            raise StoreError(f"row ids out of range [0, {self.rows})")
+        out = np.empty((ids.size, self.k), dtype=np.float16)
+        for j, row in enumerate(ids):
+            chunk, offset = divmod(int(row), self.rows_per_chunk)
+            block = np.memmap(
+                self.chunk_path(chunk), dtype="<f2", mode="r", shape=(self.rows_per_chunk, self.k)
+            )
+            out[j] = block[offset]
+        return out
+
+    def read_all(self) -> np.ndarray:
+        """(rows, K) float16; for small stores and tests."""
+        return np.concatenate(
+            [b.view(np.float16) for _, b in self.iter_blocks()]
+            or [np.empty((0, self.k), np.float16)]
+        )
+
+    # ----------------------------------------------------------------------------- writing
+
+    def lock(self) -> None:
+        """Take the build lock, so two builds never append to one index at once."""
+        # Kept open for the whole build: closing the file releases the lock.
+        handle = open(self.path / ".lock", "w")  # noqa: SIM115
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise StoreError(
+                f"another build is writing to {self.path}; wait for it or choose another --index"
+            ) from None
+        self._lock_handle = handle
+
+    def unlock(self) -> None:
+        if self._lock_handle is not None:
+            self._lock_handle.close()
+            self._lock_handle = None
+
+    def _load_tail(self) -> None:
+        """Bring the partial last chunk into memory so appends can extend it."""
+        self._tail = np.zeros((self.rows_per_chunk, self.k), dtype=np.float16)
+        valid = self.rows % self.rows_per_chunk
+        if valid:
+            index = self.rows // self.rows_per_chunk
+            data = self._read_chunk(index, valid)
+            if zlib.crc32(data.tobytes()) != self.manifest["store"]["chunk_crc32"][index]:
+                raise StoreError(
+                    f"chunk file {self.chunk_path(index)} is corrupted "
+                    "(checksum mismatch); the index is damaged, rebuild it"
+                )
+            self._tail[:valid] = data
+
+    def append(self, rows: np.ndarray) -> None:
+        """Append (n, K) rows (cast to float16); written when a chunk fills or on flush."""
+        rows = np.asarray(rows, dtype=np.float16)
+        if rows.ndim != 2 or rows.shape[1] != self.k:
+            raise ValueError(f"expected rows of shape (n, {self.k}), got {rows.shape}")
+        if self._tail is None:
+            self._load_tail()
+        for row in rows:
+            filled = (self.rows + self.pending) % self.rows_per_chunk
+            self._tail[filled] = row
+            self.pending += 1
+            if filled + 1 == self.rows_per_chunk:
+                self.flush()
+
+    def flush(self) -> None:
+        """Write the current chunk and commit every appended row to the manifest."""
+        if not self.pending:
+            return
+        info = self.manifest["store"]
+        rows = self.rows + self.pending
+        index = (rows - 1) // self.rows_per_chunk
+        valid = rows - index * self.rows_per_chunk
+        path = self.chunk_path(index)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(path, self._tail.astype("<f2").tobytes())
+        crcs = info["chunk_crc32"]
+        crc = zlib.crc32(self._tail[:valid].tobytes())
+        if index < len(crcs):
+            crcs[index] = crc
+        else:
+            crcs.append(crc)
+        if valid == self.rows_per_chunk:
+            self._tail[:] = 0
+        self._write_zarr_shape(rows)
+        info["rows"] = rows
+        self.pending = 0
+        _write_atomic(self.path / MANIFEST, json.dumps(self.manifest, indent=2).encode())
+
+    def _write_zarr_shape(self, rows: int) -> None:
+        meta_path = self.path / ARRAY / "zarr.json"
+        meta = json.loads(meta_path.read_text())
+        meta["shape"] = [rows, self.k]
+        _write_atomic(meta_path, json.dumps(meta, indent=2).encode())
+
+    def update_manifest(self, **sections: object) -> None:
+        """Replace top-level manifest sections (e.g. build statistics) and write it."""
+        self.manifest.update(sections)
+        _write_atomic(self.path / MANIFEST, json.dumps(self.manifest, indent=2).encode())
