@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +20,9 @@ import torch
 
 from rapidin_index import __version__
 from rapidin_index.data import file_sha256, load_records, tokenize_records
+from rapidin_index.distributed import DistContext
 from rapidin_index.errors import RapidInError, SettingsError
-from rapidin_index.gradients import GradientComputer, GradientSettings
+from rapidin_index.gradients import GradientComputer, GradientSettings, choose_batch_size
 from rapidin_index.model import LoadedModel, load_model, select_parameters
 from rapidin_index.progress import progress_bar
 from rapidin_index.sketch import RapidGradSketch, SketchSettings
@@ -47,7 +49,11 @@ class BuildSettings:
     gradient: GradientSettings = field(default_factory=GradientSettings)
     sketch: SketchSettings = field(default_factory=SketchSettings)
     rows_per_chunk: int | None = None
-    batch_size: int = 1
+    # Examples per forward/backward pass; None picks the largest that fits
+    # memory_budget_gb (default: a share of the machine's memory, see
+    # gradients.default_memory_budget).
+    batch_size: int | None = None
+    memory_budget_gb: float | None = None
     flush_seconds: float = 30.0
     limit: int | None = None
 
@@ -65,8 +71,10 @@ def prepare(settings: BuildSettings, loaded: LoadedModel | None = None):
     """Load what a build needs; returns (loaded, records, examples, computer, sketch, manifest)."""
     settings.gradient.validate()
     settings.sketch.validate()
-    if settings.batch_size < 1:
+    if settings.batch_size is not None and settings.batch_size < 1:
         raise SettingsError(f"--batch-size must be at least 1, got {settings.batch_size}")
+    if settings.memory_budget_gb is not None and settings.memory_budget_gb <= 0:
+        raise SettingsError(f"--memory-budget must be positive, got {settings.memory_budget_gb}")
     records = load_records(settings.data)
     if settings.limit is not None:
         records = records[: settings.limit]
@@ -90,6 +98,22 @@ def prepare(settings: BuildSettings, loaded: LoadedModel | None = None):
         "sketch": sketch.manifest_entry(),
     }
     return loaded, records, examples, computer, sketch, manifest
+
+
+def resolve_batch_size(settings: BuildSettings, computer: GradientComputer,
+                       sketch: RapidGradSketch, examples) -> int:
+    """``settings.batch_size``, or the largest batch that fits the memory budget.
+
+    The automatic choice depends only on the data, the model and the budget (not on the
+    memory free at the moment), so a resumed build batches its rows the same way.
+    """
+    if settings.batch_size is not None:
+        return settings.batch_size
+    budget = settings.memory_budget_gb
+    return choose_batch_size(computer, examples,
+                             None if budget is None else int(budget * 2**30),
+                             sketch_bytes=partial(sketch.workspace_bytes,
+                                                  device=computer.device))
 
 
 def open_or_create(settings: BuildSettings, manifest: dict) -> Store:
@@ -126,65 +150,132 @@ class BuildReport:
 def build_index(
     settings: BuildSettings, loaded: LoadedModel | None = None, progress: bool = True
 ) -> BuildReport:
-    """Cache a RapidGrad for every training example that the index does not hold yet."""
+    """Cache a RapidGrad for every training example that the index does not hold yet.
+
+    Under ``torchrun`` each rank computes the chunks it owns (see
+    :mod:`rapidin_index.distributed`); otherwise one process computes all of them.
+    """
+    ctx = DistContext.from_env()
+    if loaded is None:
+        loaded = load_model(
+            settings.model, settings.adapter, settings.load_in_4bit, device=ctx.device()
+        )
     loaded, records, examples, computer, sketch, manifest = prepare(settings, loaded)
-    store = open_or_create(settings, manifest)
-    store.lock()
-    start = store.rows
+    settings = replace(settings, batch_size=resolve_batch_size(settings, computer, sketch,
+                                                               examples))
     total = len(examples)
-    if start > total:
-        raise RapidInError(f"the index holds {start} rows but the data has only {total}")
-    if start:
-        logger.info("resuming %s at row %d of %d", settings.index, start, total)
+
+    # Rank 0 creates the index or checks its settings; the others open it afterwards.
+    store = open_or_create(settings, manifest) if ctx.is_main else None
+    ctx.barrier()
+    if store is None:
+        store = open_or_create(settings, manifest)
+    store.lock(f".lock-rank{ctx.rank}" if ctx.enabled else ".lock")
+    if ctx.is_main:
+        store.commit()  # fold in markers a crash left ahead of the manifest
+    ctx.barrier()
+    if store.rows > total:
+        raise RapidInError(f"the index holds {store.rows} rows but the data has only {total}")
+
+    per_chunk = store.rows_per_chunk
+    written = {c: n for c, (n, _) in store.chunk_progress().items()}
+    mine = [c for c in range(-(-total // per_chunk)) if ctx.owns_chunk(c)]
+    todo = sum(min(per_chunk, total - c * per_chunk) - written.get(c, 0) for c in mine)
+    if store.rows:
+        logger.info(
+            "resuming %s: %d rows committed, %d left for rank %d",
+            settings.index,
+            store.rows,
+            todo,
+            ctx.rank,
+        )
 
     # SIGTERM (kill, a scheduler's time limit) commits like Ctrl-C; kill -9 loses at most
     # the rows computed since the last flush, which the next run recomputes.
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     began = time.perf_counter()
-    last_flush = began
-    done = start
+    computed = 0
     try:
         with progress_bar(
-            total=total, initial=start, unit="ex", desc="caching", enabled=progress
+            total=todo,
+            unit="ex",
+            desc=f"caching (rank {ctx.rank})" if ctx.enabled else "caching",
+            enabled=progress,
         ) as bar:
-            for first in range(start, total, settings.batch_size):
-                batch = examples[first : first + settings.batch_size]
-                grads = computer.gradients(batch)
-                with torch.no_grad():
-                    rapid = sketch.transform(grads)
-                store.append(rapid.cpu().numpy())
-                done = first + len(batch)
-                bar.update(len(batch))
-                if time.perf_counter() - last_flush >= settings.flush_seconds:
-                    store.flush()
-                    last_flush = time.perf_counter()
-        store.flush()
+            for chunk in mine:
+                computed += _build_chunk(
+                    settings, store, ctx, examples, computer, sketch, chunk, bar
+                )
     except KeyboardInterrupt:
-        store.flush()
+        if ctx.is_main:
+            store.commit()
         raise BuildInterrupted(
-            f"interrupted after {store.rows} of {total} rows (all committed); "
+            f"interrupted with {store.rows} of {total} rows committed; "
             "rerun the same command to continue"
         ) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
         store.unlock()
     seconds = time.perf_counter() - began
-    report = BuildReport(settings.index, store.rows, done - start, seconds)
-    store.update_manifest(
-        build={
-            "last_run_examples": report.computed,
-            "last_run_seconds": round(seconds, 3),
-            "settings": _jsonable(asdict(settings)),
-        }
-    )
+    counts = ctx.gather(computed)
+    ctx.barrier()
+    if ctx.is_main:
+        store.commit()
+        store.update_manifest(
+            build={
+                "last_run_examples": sum(counts),
+                "last_run_seconds": round(seconds, 3),
+                "world_size": ctx.world_size,
+                "settings": _jsonable(asdict(settings)),
+            }
+        )
+    else:
+        store.reload()
+    report = BuildReport(settings.index, store.rows, sum(counts), seconds)
     logger.info(
-        "wrote %d rows to %s in %.1f s (%.2f examples/s)",
-        report.computed,
+        "rank %d wrote %d rows to %s in %.1f s (%.2f examples/s)",
+        ctx.rank,
+        computed,
         settings.index,
         seconds,
-        report.examples_per_second,
+        computed / seconds if seconds else 0.0,
     )
     return report
+
+
+def _build_chunk(settings, store, ctx, examples, computer, sketch, chunk, bar) -> int:
+    """Compute the missing rows of one chunk; returns how many were computed.
+
+    Batches start at the chunk's first row (and flushes happen between batches), so a
+    row's batch companions do not depend on the number of ranks or on earlier crashes.
+    """
+    per_chunk = store.rows_per_chunk
+    lo = chunk * per_chunk
+    hi = min(lo + per_chunk, len(examples))
+    rows = list(store.read_chunk_rows(chunk))
+    if lo + len(rows) >= hi:
+        return 0
+    last_flush, computed = time.perf_counter(), 0
+    try:
+        for first in range(lo + len(rows), hi, settings.batch_size):
+            batch = examples[first : min(first + settings.batch_size, hi)]
+            grads = computer.gradients(batch)
+            with torch.no_grad():
+                rapid = sketch.transform(grads).cpu().numpy()
+            rows.extend(rapid.astype(np.float16))
+            computed += len(batch)
+            bar.update(len(batch))
+            if time.perf_counter() - last_flush >= settings.flush_seconds:
+                store.write_chunk(chunk, np.stack(rows))
+                if ctx.is_main:
+                    store.commit()
+                last_flush = time.perf_counter()
+    finally:
+        if rows:
+            store.write_chunk(chunk, np.stack(rows))
+            if ctx.is_main:
+                store.commit()
+    return computed
 
 
 def _raise_interrupt(signum, frame):  # noqa: ARG001 - signal handler signature

@@ -147,7 +147,39 @@ def _model_options(fn):
     default=None,
     help="Rows per store chunk [default: about 16 MiB per chunk].",
 )
+@click.option(
+    "--projection",
+    type=click.Choice(["shuffle", "countsketch"]),
+    default="shuffle",
+    show_default=True,
+    help="RapidGrad projection: the paper's shuffles + signs, or a hashed countsketch.",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Examples per forward/backward pass [default: the most that fit --memory-budget].",
+)
+@click.option(
+    "--memory-budget",
+    "memory_budget",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    metavar="GB",
+    help="Memory for the batch work beyond the model, in GiB [default: 40% of RAM, or "
+    "60% of the GPU memory the model leaves].",
+)
+@click.option(
+    "--workers",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Local processes; >1 runs this command under torchrun (one rank per process).",
+)
+@click.pass_context
 def build(
+    ctx,
+    workers,
     data,
     index,
     model_spec,
@@ -162,9 +194,17 @@ def build(
     seed,
     limit,
     rows_per_chunk,
+    projection,
+    batch_size,
+    memory_budget,
 ) -> None:
     """Cache a RapidGrad for every training example (resumable)."""
     from rapidin_index.build import BuildSettings, build_index
+    from rapidin_index.distributed import DistContext
+
+    if workers > 1 and "WORLD_SIZE" not in os.environ:
+        _relaunch_under_torchrun(ctx, workers)
+        return
     from rapidin_index.gradients import GradientSettings
     from rapidin_index.sketch import SketchSettings
 
@@ -177,15 +217,60 @@ def build(
         template=template,
         max_length=max_length,
         gradient=GradientSettings(params=tuple(params), normalization=normalization),
-        sketch=SketchSettings(k=k, shuffle_rounds=shuffle_rounds, seed=seed),
+        sketch=SketchSettings(
+            k=k, shuffle_rounds=shuffle_rounds, seed=seed, projection=projection
+        ),
         rows_per_chunk=rows_per_chunk,
         limit=limit,
+        batch_size=batch_size,
+        memory_budget_gb=memory_budget,
     )
     report = build_index(settings)
-    click.echo(
-        f"{report.rows} rows in {index} ({report.computed} new, "
-        f"{report.examples_per_second:.2f} examples/s)"
-    )
+    if DistContext.from_env().is_main:
+        click.echo(
+            f"{report.rows} rows in {index} ({report.computed} new, "
+            f"{report.examples_per_second:.2f} examples/s)"
+        )
+
+
+def _relaunch_under_torchrun(ctx: click.Context, workers: int) -> None:
+    """Run the same build command as ``workers`` local torchrun ranks and wait for them."""
+    import subprocess
+
+    from rapidin_index.distributed import torchrun_command
+
+    args = [a for a in _global_args(ctx.parent)] + ["build"]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if param.name == "workers" or value is None or value == () or value is False:
+            continue
+        flag = param.opts[-1] if param.opts[-1].startswith("--") else param.opts[0]
+        if isinstance(value, bool):
+            args.append(flag)
+        elif isinstance(value, tuple):
+            for item in value:
+                args += [flag, str(item)]
+        else:
+            args += [flag, str(value)]
+    command = torchrun_command(workers, args)
+    logger.info("launching %d ranks: %s", workers, " ".join(command))
+    result = subprocess.run(command)
+    if result.returncode != 0:
+        raise RapidInError(
+            f"a rank of the distributed build failed (exit {result.returncode}); "
+            "rerun the same command to resume"
+        )
+
+
+def _global_args(ctx: click.Context | None) -> list[str]:
+    if ctx is None:
+        return []
+    out = ["-" + "v" * ctx.params["verbose"]] if ctx.params.get("verbose") else []
+    if ctx.params.get("quiet"):
+        out.append("--quiet")
+    if ctx.params.get("no_progress"):
+        out.append("--no-progress")
+    return out
 
 
 @cli.command()
@@ -318,6 +403,10 @@ def query(
         t.gradient_seconds,
         t.scan_seconds,
     )
+    from rapidin_index.distributed import DistContext
+
+    if not DistContext.from_env().is_main:
+        return  # under torchrun, rank 0 prints the merged results
     if fmt == "json":
         click.echo(results_to_json(results, t))
     else:

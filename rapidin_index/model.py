@@ -179,9 +179,16 @@ class LoadedModel:
 
 
 def load_model(
-    spec: str | None = None, adapter: str | None = None, load_in_4bit: bool = False
+    spec: str | None = None,
+    adapter: str | None = None,
+    load_in_4bit: bool = False,
+    device: torch.device | str | None = None,
 ) -> LoadedModel:
-    """Load model, tokenizer and adapter; the adapter's parameters are made trainable."""
+    """Load model, tokenizer and adapter; the adapter's parameters are made trainable.
+
+    ``device`` defaults to the CPU; bitsandbytes places a 4-bit model itself.
+    """
+    device = torch.device(device or "cpu")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model(spec)
@@ -191,6 +198,7 @@ def load_model(
             from transformers import BitsAndBytesConfig
         except ImportError as err:  # pragma: no cover - depends on the install
             raise ModelError(f"--load-in-4bit needs bitsandbytes: {err}") from None
+        kwargs["device_map"] = {"": device}
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
         )
@@ -200,6 +208,8 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as err:
         raise ModelError(f"--model {spec!r}: cannot load ({err})") from None
+    if not load_in_4bit:
+        model.to(device)
     identity = {
         "path": spec or "embedded",
         "resolved_path": path,

@@ -5,16 +5,17 @@ Layout of an index directory::
     manifest.json            settings, model and data identity, committed row count
     rapidgrads/zarr.json     Zarr v3 metadata: shape (rows, K), float16, chunks (R, K)
     rapidgrads/c/<i>/0       chunk i: R x K float16, raw little-endian, row-major
-    .lock                    held by a running build
+    progress/chunk-<i>.json  rows written to chunk i and their CRC32 (see Store.commit)
+    .lock, .lock-rank<r>     held by a running build
 
 The array is uncompressed so a scan can memory-map chunk files directly; any Zarr v3 reader
 (``zarr.open_array(index / "rapidgrads")``) reads it too. The last chunk file is always
 written at full size, padded with zeros, as Zarr expects.
 
-Crash safety: a chunk file is written to a temporary name, fsynced and renamed, then the
-manifest is replaced the same way. The manifest's ``rows`` is the only source of truth for
-how many rows exist, so a reader that reads the manifest first sees a consistent prefix,
-and a build killed at any instant restarts from the last committed row. A rename leaves a
+Crash safety: a chunk file is written to a temporary name, fsynced and renamed, then its
+progress marker, then the manifest is replaced the same way. The manifest's ``rows`` is
+the only source of truth for how many rows exist, so a reader that reads the manifest first
+sees a consistent prefix, and a build killed at any instant restarts from the markers. A rename leaves a
 reader's open memory map on the old file, whose committed prefix is unchanged.
 """
 
@@ -36,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 ARRAY = "rapidgrads"
+PROGRESS = "progress"
 FORMAT_VERSION = 1
 # Chunk target size: big enough for sequential reads, small enough to rewrite the partial
 # last chunk at every flush of a running build without noticeable cost.
@@ -97,7 +99,7 @@ class Store:
         info = manifest["store"]
         self.k: int = info["k"]
         self.rows_per_chunk: int = info["rows_per_chunk"]
-        self._tail: np.ndarray | None = None
+        self._tail: list[np.ndarray] | None = None
         # Rows appended but not yet committed to disk.
         self.pending = 0
         self._lock_handle = None
@@ -248,10 +250,14 @@ class Store:
 
     # ----------------------------------------------------------------------------- writing
 
-    def lock(self) -> None:
-        """Take the build lock, so two builds never append to one index at once."""
+    def lock(self, name: str = ".lock") -> None:
+        """Take a build lock, so two builds never write the same chunks at once.
+
+        A single-process build locks the whole index; each rank of a distributed build
+        takes its own lock file (``.lock-rank<r>``), since ranks write disjoint chunks.
+        """
         # Kept open for the whole build: closing the file releases the lock.
-        handle = open(self.path / ".lock", "w")  # noqa: SIM115
+        handle = open(self.path / name, "w")  # noqa: SIM115
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -266,19 +272,75 @@ class Store:
             self._lock_handle.close()
             self._lock_handle = None
 
-    def _load_tail(self) -> None:
-        """Bring the partial last chunk into memory so appends can extend it."""
-        self._tail = np.zeros((self.rows_per_chunk, self.k), dtype=np.float16)
-        valid = self.rows % self.rows_per_chunk
-        if valid:
-            index = self.rows // self.rows_per_chunk
-            data = self._read_chunk(index, valid)
-            if zlib.crc32(data.tobytes()) != self.manifest["store"]["chunk_crc32"][index]:
-                raise StoreError(
-                    f"chunk file {self.chunk_path(index)} is corrupted "
-                    "(checksum mismatch); the index is damaged, rebuild it"
-                )
-            self._tail[:valid] = data
+    # A chunk's progress marker records how many of its rows are written and their CRC32.
+    # Markers are what writers produce; :meth:`commit` folds them into the manifest, whose
+    # ``rows`` is the longest prefix of rows that every marker before it completes.
+
+    def marker_path(self, index: int) -> Path:
+        return self.path / PROGRESS / f"chunk-{index}.json"
+
+    def chunk_progress(self) -> dict[int, tuple[int, int]]:
+        """``{chunk index: (rows written, crc32 of those rows)}`` from the markers."""
+        out = {}
+        folder = self.path / PROGRESS
+        if folder.is_dir():
+            for marker in folder.glob("chunk-*.json"):
+                info = json.loads(marker.read_text())
+                out[int(marker.stem.split("-")[1])] = (int(info["rows"]), int(info["crc32"]))
+        return out
+
+    def write_chunk(self, index: int, rows: np.ndarray) -> None:
+        """Write chunk ``index`` holding ``rows`` ((n, K), n <= rows_per_chunk), then its
+        marker. The file is always full size (zero padded); both writes are atomic."""
+        rows = np.asarray(rows, dtype="<f2")
+        if rows.ndim != 2 or rows.shape[1] != self.k or len(rows) > self.rows_per_chunk:
+            raise ValueError(f"chunk rows must be (<= {self.rows_per_chunk}, {self.k})")
+        full = np.zeros((self.rows_per_chunk, self.k), dtype="<f2")
+        full[: len(rows)] = rows
+        path = self.chunk_path(index)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(path, full.tobytes())
+        marker = self.marker_path(index)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        crc = zlib.crc32(full[: len(rows)].tobytes())
+        _write_atomic(marker, json.dumps({"rows": len(rows), "crc32": crc}).encode())
+
+    def read_chunk_rows(self, index: int) -> np.ndarray:
+        """The rows already written to chunk ``index`` per its marker, CRC-checked."""
+        valid, crc = self.chunk_progress().get(index, (0, 0))
+        if not valid:
+            return np.empty((0, self.k), dtype=np.float16)
+        data = self._read_chunk(index, valid)
+        if zlib.crc32(data.tobytes()) != crc:
+            raise StoreError(
+                f"chunk file {self.chunk_path(index)} is corrupted (checksum mismatch); "
+                "the index is damaged, rebuild it"
+            )
+        return data
+
+    def commit(self) -> int:
+        """Fold the chunk markers into the manifest; returns the committed row count.
+
+        Only one process may commit at a time (rank 0 of a distributed build).
+        """
+        progress = self.chunk_progress()
+        rows, crcs, index = 0, [], 0
+        while index in progress:
+            valid, crc = progress[index]
+            rows += valid
+            crcs.append(crc)
+            if valid < self.rows_per_chunk:
+                break
+            index += 1
+        info = self.manifest["store"]
+        if rows != info["rows"] or crcs != info["chunk_crc32"]:
+            self._write_zarr_shape(rows)
+            info["rows"] = rows
+            info["chunk_crc32"] = crcs
+            _write_atomic(self.path / MANIFEST, json.dumps(self.manifest, indent=2).encode())
+        return rows
+
+    # Sequential appends, for a single writer that produces rows in id order.
 
     def append(self, rows: np.ndarray) -> None:
         """Append (n, K) rows (cast to float16); written when a chunk fills or on flush."""
@@ -286,37 +348,23 @@ class Store:
         if rows.ndim != 2 or rows.shape[1] != self.k:
             raise ValueError(f"expected rows of shape (n, {self.k}), got {rows.shape}")
         if self._tail is None:
-            self._load_tail()
+            self._tail = list(self.read_chunk_rows(self.rows // self.rows_per_chunk))
         for row in rows:
-            filled = (self.rows + self.pending) % self.rows_per_chunk
-            self._tail[filled] = row
+            self._tail.append(row)
             self.pending += 1
-            if filled + 1 == self.rows_per_chunk:
+            if len(self._tail) == self.rows_per_chunk:
                 self.flush()
 
     def flush(self) -> None:
         """Write the current chunk and commit every appended row to the manifest."""
         if not self.pending:
             return
-        info = self.manifest["store"]
-        rows = self.rows + self.pending
-        index = (rows - 1) // self.rows_per_chunk
-        valid = rows - index * self.rows_per_chunk
-        path = self.chunk_path(index)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(path, self._tail.astype("<f2").tobytes())
-        crcs = info["chunk_crc32"]
-        crc = zlib.crc32(self._tail[:valid].tobytes())
-        if index < len(crcs):
-            crcs[index] = crc
-        else:
-            crcs.append(crc)
-        if valid == self.rows_per_chunk:
-            self._tail[:] = 0
-        self._write_zarr_shape(rows)
-        info["rows"] = rows
+        index = (self.rows + self.pending - 1) // self.rows_per_chunk
+        self.write_chunk(index, np.stack(self._tail))
+        self.commit()
         self.pending = 0
-        _write_atomic(self.path / MANIFEST, json.dumps(self.manifest, indent=2).encode())
+        if len(self._tail) == self.rows_per_chunk:
+            self._tail = []
 
     def _write_zarr_shape(self, rows: int) -> None:
         meta_path = self.path / ARRAY / "zarr.json"

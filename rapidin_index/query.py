@@ -1,0 +1,374 @@
+"""Retrieval stage: the training examples that most influenced a generation.
+
+The generation's gradient is taken with the same model, parameters, template and
+normalisation as the index, compressed with the same RapidGrad transform, and scored
+against every stored row by inner product (paper Eq. 5 with one checkpoint): higher means
+the training example pushed the model towards writing this generation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rapidin_index.build import comparable_model
+from rapidin_index.data import (
+    Record,
+    file_sha256,
+    format_prompt,
+    load_records,
+    tokenize_example,
+    tokenize_records,
+)
+from rapidin_index.errors import DataError, ModelError, SettingsError
+from rapidin_index.gradients import GradientComputer
+from rapidin_index.model import LoadedModel, load_model
+from rapidin_index.progress import progress_bar
+from rapidin_index.sketch import RapidGradSketch, SketchSettings
+from rapidin_index.store import Store, compare_settings
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("rapidin", "exact")
+
+
+@dataclass(frozen=True)
+class QueryInput:
+    """One generation to attribute: the instruction (input merged) and the generated text."""
+
+    instruction: str
+    generation: str | None
+    # Restricts the generation-side loss to these characters' tokens (every occurrence);
+    # see tokenwise.restrict_to_target. None: the whole generation.
+    target_text: str | None = None
+
+
+def read_query_inputs(
+    generation: str | None, prompt: str | None = None, prompt_file: str | None = None
+) -> list[QueryInput]:
+    """Turn the query command's inputs into :class:`QueryInput` objects.
+
+    ``generation`` is either a text file with the generated response (the prompt then comes
+    from ``prompt`` or ``prompt_file``) or a ``.json`` / ``.jsonl`` file of Alpaca records
+    whose ``output`` is the generation. With no ``generation``, the model writes it.
+    """
+    if prompt is not None and prompt_file is not None:
+        raise DataError("give either --prompt or --prompt-file, not both")
+    if prompt_file is not None:
+        if not Path(prompt_file).is_file():
+            raise DataError(f"--prompt-file not found: {prompt_file}")
+        prompt = Path(prompt_file).read_text(encoding="utf-8").strip("\n")
+    if generation is None:
+        if prompt is None:
+            raise DataError("nothing to attribute: pass --generation FILE, or --prompt to let "
+                            "the model generate")
+        return [QueryInput(prompt, None)]
+    path = Path(generation)
+    if not path.is_file():
+        raise DataError(f"--generation file not found: {generation}")
+    if path.suffix in (".json", ".jsonl"):
+        if prompt is not None:
+            raise DataError("--prompt/--prompt-file cannot be combined with a JSON "
+                            "--generation file; put the instruction in each record")
+        return [QueryInput(r.merged_instruction, r.output) for r in load_records(path)]
+    if prompt is None:
+        raise DataError("--generation is a text file: give its prompt with --prompt or "
+                        "--prompt-file")
+    text = path.read_text(encoding="utf-8").strip("\n")
+    if not text:
+        raise DataError(f"--generation file {generation} is empty")
+    return [QueryInput(prompt, text)]
+
+
+@dataclass
+class QueryResult:
+    """Ranked training examples for one generation; ``results`` and ``bottom`` are dicts
+    with ``rank``, ``id``, ``score``, ``instruction``, ``input``, ``output``."""
+
+    prompt: str
+    generation: str
+    results: list[dict]
+    bottom: list[dict] | None = None
+    # Query-level token-wise output (generation_tokens, target, pairwise); tokenwise.annotate.
+    tokenwise: dict | None = None
+
+    def to_json(self) -> dict:
+        out = {"prompt": self.prompt, "generation": self.generation, "results": self.results}
+        if self.bottom is not None:
+            out["bottom"] = self.bottom
+        if self.tokenwise is not None:
+            out.update(self.tokenwise)
+        return out
+
+
+@dataclass
+class Timings:
+    model_seconds: float = 0.0
+    gradient_seconds: float = 0.0
+    scan_seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+def parameters_by_name(model: torch.nn.Module, entries: Sequence[dict]):
+    """The parameters the index was built over, by the names and shapes in its manifest."""
+    named = dict(model.named_parameters())
+    chosen = []
+    for entry in entries:
+        param = named.get(entry["name"])
+        if param is None or list(param.shape) != list(entry["shape"]):
+            raise ModelError(
+                f"the model has no parameter {entry['name']} of shape {entry['shape']}; "
+                "pass the --model/--adapter the index was built with"
+            )
+        param.requires_grad_(True)
+        chosen.append((entry["name"], param))
+    return chosen
+
+
+def topk_rows(scores: np.ndarray, k: int, largest: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Top (or bottom) k of a 1-D score array; ties go to the lower id."""
+    key = -scores if largest else scores
+    order = np.lexsort((np.arange(scores.size), key))[:k]
+    return order, scores[order]
+
+
+class Attributor:
+    """An opened index with its model, ready to answer many queries.
+
+    Args:
+        index: Index directory.
+        model, adapter, load_in_4bit: Overrides of what the manifest records; the model
+            must still be the one the index was built with (same config and adapter).
+        loaded: An already loaded model (tests and the service pass one in).
+    """
+
+    def __init__(
+        self,
+        index: str,
+        model: str | None = None,
+        adapter: str | None = None,
+        load_in_4bit: bool | None = None,
+        loaded: LoadedModel | None = None,
+    ) -> None:
+        self.store = Store.open(index)
+        manifest = self.store.manifest
+        self.manifest = manifest
+        recorded = manifest["model"]
+        began = time.perf_counter()
+        if loaded is None:
+            loaded = load_model(
+                model if model is not None else recorded["path"],
+                adapter if adapter is not None else recorded["adapter"],
+                recorded["load_in_4bit"] if load_in_4bit is None else load_in_4bit,
+            )
+        self.timings = Timings(model_seconds=time.perf_counter() - began)
+        compare_settings(
+            comparable_model(recorded), comparable_model(loaded.identity),
+            hint="pass the --model/--adapter the index was built with, or rebuild the index",
+        )
+        self.loaded = loaded
+        params = parameters_by_name(loaded.model, manifest["gradient"]["parameters"])
+        self.computer = GradientComputer(loaded.model, params,
+                                         manifest["gradient"]["normalization"])
+        info = manifest["sketch"]
+        settings = SketchSettings(
+            k=info["k"], shuffle_rounds=info["shuffle_rounds"], seed=info["seed"],
+            max_perm_len=info["max_perm_len"], projection=info["projection"],
+        )
+        self.sketch = RapidGradSketch(self.computer.dim, settings, divisors=info["divisors"])
+        self._records: list[Record] | None = None
+
+    @property
+    def tokenizer(self):
+        return self.loaded.tokenizer
+
+    @property
+    def template(self) -> str:
+        return self.manifest["data"]["template"]
+
+    @property
+    def max_length(self) -> int:
+        return self.manifest["data"]["max_length"]
+
+    def records(self) -> list[Record]:
+        """The training records, from the data file recorded in the manifest."""
+        if self._records is None:
+            data = self.manifest["data"]
+            path = Path(data["path"])
+            if not path.is_file():
+                raise DataError(f"the index's training data {path} is gone; restore it to "
+                                "show the retrieved examples")
+            if file_sha256(path) != data["sha256"]:
+                logger.warning("%s changed since the index was built; ids may not match", path)
+            self._records = load_records(path)
+        return self._records
+
+    def generate(self, instruction: str, max_new_tokens: int = 128) -> str:
+        """Greedy decoding of the model's own response to an instruction."""
+        prompt = format_prompt(instruction, self.tokenizer, self.template)
+        ids = self.tokenizer(prompt, add_special_tokens=self.template != "chat",
+                             return_tensors="pt")["input_ids"]
+        model = self.loaded.model
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=ids.to(next(model.parameters()).device),
+                attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                do_sample=False, pad_token_id=self.tokenizer.eos_token_id,
+            )
+        return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+    def tokenize(self, query: QueryInput):
+        prompt = format_prompt(query.instruction, self.tokenizer, self.template)
+        return tokenize_example(self.tokenizer, prompt, query.generation or "", self.max_length,
+                                add_special_tokens=self.template != "chat")
+
+    def query_example(self, query: QueryInput):
+        """The tokenised generation whose loss is attributed (only --target-text's tokens)."""
+        example = self.tokenize(query)
+        if query.target_text is None:
+            return example
+        from rapidin_index.tokenwise import restrict_to_target
+
+        return restrict_to_target(self.tokenizer, example, query.generation or "",
+                                  query.target_text)
+
+    def query_gradients(self, queries: Sequence[QueryInput]) -> torch.Tensor:
+        """(m, D) float32 normalised gradients of the generations."""
+        began = time.perf_counter()
+        grads = torch.stack([self.computer.gradient(self.query_example(q)) for q in queries])
+        self.timings.gradient_seconds += time.perf_counter() - began
+        return grads
+
+    def rapidgrads(self, queries: Sequence[QueryInput]) -> np.ndarray:
+        """(m, K) float32 RapidGrads of the generations (kept in fp32, not rounded)."""
+        grads = self.query_gradients(queries)
+        with torch.no_grad():
+            out = self.sketch.transform(grads)
+        return out.cpu().numpy().astype(np.float32)
+
+    def score_all(self, queries: Sequence[QueryInput], method: str = "rapidin") -> np.ndarray:
+        """(m, N) float32 scores of every training example; for small stores and checks."""
+        if method == "rapidin":
+            q = self.rapidgrads(queries)
+            return q @ self.store.read_all().astype(np.float32).T
+        if method == "exact":
+            return self.exact_scores(queries)
+        raise SettingsError(f"unknown --method {method!r}; choose from {METHODS}")
+
+    def exact_scores(self, queries: Sequence[QueryInput]) -> np.ndarray:
+        """(m, N) scores with uncompressed gradients: TracIn with layer-wise normalisation.
+
+        Recomputes every training gradient, so it costs a full caching pass per call.
+        """
+        grads = self.query_gradients(queries)
+        examples = tokenize_records(self.records(), self.tokenizer, self.template,
+                                    self.max_length)
+        scores = np.empty((len(queries), len(examples)), dtype=np.float32)
+        began = time.perf_counter()
+        with progress_bar(total=len(examples), desc="exact", unit="ex") as bar:
+            for i, example in enumerate(examples):
+                scores[:, i] = (grads @ self.computer.gradient(example)).detach().cpu().numpy()
+                bar.update(1)
+        self.timings.scan_seconds += time.perf_counter() - began
+        return scores
+
+    def attribute(
+        self,
+        queries: Sequence[QueryInput],
+        topk: int = 50,
+        bottom: bool = False,
+        method: str = "rapidin",
+        engine: str = "auto",
+        max_new_tokens: int = 128,
+    ) -> list[QueryResult]:
+        """Rank training examples for each query (generating missing generations first)."""
+        if topk < 1:
+            raise SettingsError(f"--topk must be at least 1, got {topk}")
+        if self.store.rows == 0:
+            raise DataError("the index holds no rows yet; run rapidin-index build first")
+        queries = [
+            q if q.generation is not None
+            else replace(q, generation=self.generate(q.instruction, max_new_tokens))
+            for q in queries
+        ]
+        if method == "rapidin":
+            q = self.rapidgrads(queries)
+            began = time.perf_counter()
+            tops, bots = self._scan(q, topk, bottom, engine)
+            self.timings.scan_seconds += time.perf_counter() - began
+        elif method == "exact":
+            scores = self.exact_scores(queries)
+            tops = [topk_rows(s, topk, largest=True) for s in scores]
+            bots = [topk_rows(s, topk, largest=False) for s in scores] if bottom else None
+        else:
+            raise SettingsError(f"unknown --method {method!r}; choose from {METHODS}")
+        out = []
+        for i, query in enumerate(queries):
+            out.append(QueryResult(
+                prompt=query.instruction,
+                generation=query.generation or "",
+                results=self._rows(*tops[i]),
+                bottom=self._rows(*bots[i]) if bots is not None else None,
+            ))
+        return out
+
+    def _scan(self, q: np.ndarray, topk: int, bottom: bool, engine: str):
+        """Top (and bottom) ``topk`` per query over the committed rows of the store.
+
+        Under ``torchrun`` each rank scans the chunks it owns and the per-rank lists are
+        merged, which gives the same ids and scores as one process scanning everything.
+        """
+        from rapidin_index.distributed import DistContext, merge_ranked
+        from rapidin_index.scan import iter_raw_chunks, scan
+
+        ctx = DistContext.from_env()
+        q = ctx.broadcast(q)
+        # Read the committed row count once: a concurrent build may append more rows,
+        # and the scan must cover exactly the prefix that was committed now.
+        self.store.reload()
+        files = [f for i, f in enumerate(self.store.chunk_files(self.store.rows))
+                 if ctx.owns_chunk(i)]
+        found = scan(q, iter_raw_chunks(files, self.store.k), topk, bottom=bottom,
+                     engine=engine)
+        tops = list(zip(found.top_ids, found.top_scores))
+        bots = list(zip(found.bottom_ids, found.bottom_scores)) if bottom else None
+        if ctx.enabled:
+            parts = ctx.gather((tops, bots))
+            tops = [merge_ranked([p[0][i] for p in parts], topk) for i in range(len(q))]
+            if bottom:
+                bots = [merge_ranked([p[1][i] for p in parts], topk, largest=False)
+                        for i in range(len(q))]
+        return tops, bots
+
+    def _rows(self, ids: np.ndarray, scores: np.ndarray) -> list[dict]:
+        try:
+            records = self.records()
+        except DataError as err:
+            logger.warning("%s", err)
+            records = None
+        rows = []
+        for rank, (row, score) in enumerate(zip(ids.tolist(), scores.tolist()), start=1):
+            item = {"rank": rank, "id": int(row), "score": float(score)}
+            if records is not None and row < len(records):
+                rec = records[row]
+                item.update(instruction=rec.instruction, input=rec.input, output=rec.output)
+            rows.append(item)
+        return rows
+
+
+def results_to_json(results: Sequence[QueryResult], timings: Timings | None = None) -> str:
+    payload: dict = {"queries": [r.to_json() for r in results]}
+    if timings is not None:
+        payload["timings"] = {
+            "model_seconds": round(timings.model_seconds, 3),
+            "gradient_seconds": round(timings.gradient_seconds, 3),
+            "scan_seconds": round(timings.scan_seconds, 3),
+        }
+    return json.dumps(payload, indent=2, ensure_ascii=False)
