@@ -15,8 +15,9 @@ written at full size, padded with zeros, as Zarr expects.
 Crash safety: a chunk file is written to a temporary name, fsynced and renamed, then its
 progress marker, then the manifest is replaced the same way. The manifest's ``rows`` is
 the only source of truth for how many rows exist, so a reader that reads the manifest first
-sees a consistent prefix, and a build killed at any instant restarts from the markers. A rename leaves a
-reader's open memory map on the old file, whose committed prefix is unchanged.
+sees a consistent prefix, and a build killed at any instant restarts from the markers. A
+rename leaves a reader's open memory map on the old file, whose committed prefix is
+unchanged.
 """
 
 from __future__ import annotations
