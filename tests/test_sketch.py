@@ -120,3 +120,104 @@ def test_recorded_divisors_must_match_the_seed():
     with pytest.raises(SettingsError, match="divisors"):
         RapidGradSketch(5000, SketchSettings(k=512), divisors=bad)
     RapidGradSketch(5000, SketchSettings(k=512), divisors=sketch.manifest_entry()["divisors"])
+
+
+# ---- CPU kernel and countsketch ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("dim,k,rounds", [(3000, 256, 5), (4096, 64, 20), (10_007, 1024, 3)])
+def test_cpu_kernel_equals_torch_passes(dim, k, rounds):
+    settings = SketchSettings(k=k, shuffle_rounds=rounds, max_perm_len=512)
+    grads = torch.randn(5, dim, generator=torch.Generator().manual_seed(dim))
+    via_numba = RapidGradSketch(dim, settings, backend="numba").transform(grads)
+    via_torch = RapidGradSketch(dim, settings, backend="torch").transform(grads)
+    torch.testing.assert_close(via_numba, via_torch, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_kernel_with_int64_indices_matches_reference(monkeypatch):
+    from rapidin_index import sketch as sketch_module
+
+    monkeypatch.setattr(sketch_module, "_INT32_INDEX_LIMIT", 0)
+    sketch = RapidGradSketch(3000, SketchSettings(k=256, shuffle_rounds=5), backend="numba")
+    v = np.random.default_rng(2).standard_normal(3000).astype(np.float32)
+    out = sketch.transform(torch.from_numpy(v)).numpy()
+    assert sketch._cpu_plan.tables.dtype == np.int64
+    np.testing.assert_allclose(out, _reference_transform(v, sketch), rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_kernel_gives_the_same_numbers_for_any_thread_count(monkeypatch):
+    from rapidin_index import sketch as sketch_module
+
+    grads = torch.randn(3, 20_000, generator=torch.Generator().manual_seed(5))
+    runs = []
+    for threads in (1, 2, 3):
+        monkeypatch.setattr(sketch_module, "_num_threads", lambda n=threads: n)
+        for projection in ("shuffle", "countsketch"):
+            settings = SketchSettings(k=512, projection=projection)
+            runs.append(RapidGradSketch(20_000, settings).transform(grads))
+    for i in range(2, len(runs)):
+        assert torch.equal(runs[i], runs[i % 2])
+
+
+def _reference_countsketch(v: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Countsketch written out with plain numpy: bucket and sign from each global index."""
+    from rapidin_index.sketch import countsketch_buckets
+
+    pos = np.arange(v.shape[-1], dtype=np.int64)
+    signs = 1.0 - 2.0 * rademacher_bits(pos, seed)
+    out = np.zeros(v.shape[:-1] + (k,))
+    for b, row in enumerate(v.reshape(-1, v.shape[-1])):
+        np.add.at(out.reshape(-1, k)[b], countsketch_buckets(pos, seed, k), row * signs)
+    return out
+
+
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+def test_countsketch_matches_numpy_reference(backend):
+    settings = SketchSettings(k=256, projection="countsketch", seed=7)
+    v = np.random.default_rng(3).standard_normal((4, 5000)).astype(np.float32)
+    out = RapidGradSketch(5000, settings, backend=backend).transform(torch.from_numpy(v))
+    np.testing.assert_allclose(out.numpy(), _reference_countsketch(v, 256, 7),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_countsketch_buckets_torch_equal_numpy_and_are_balanced():
+    from rapidin_index.sketch import countsketch_buckets
+
+    pos = np.arange(0, 1 << 20, dtype=np.int64) + (1 << 33)
+    a = countsketch_buckets(pos, 3, 1024)
+    b = countsketch_buckets(torch.from_numpy(pos), 3, 1024).numpy()
+    np.testing.assert_array_equal(a, b)
+    counts = np.bincount(a, minlength=1024)
+    assert counts.min() > 0.8 * counts.mean() and counts.max() < 1.2 * counts.mean()
+    # The bucket and the sign of a coordinate are independent.
+    signs = rademacher_bits(pos, 3)
+    assert abs(signs[a < 512].mean() - 0.5) < 0.005
+
+
+def test_countsketch_inner_products_track_exact_ones():
+    rng = np.random.default_rng(1)
+    d, n = 200_000, 40
+    base = rng.standard_normal(d)
+    vecs = np.stack([rng.standard_normal(d) + rng.uniform(-2, 2) * base for _ in range(n)])
+    sketch = RapidGradSketch(d, SketchSettings(k=1 << 14, projection="countsketch"))
+    small = sketch.transform(torch.from_numpy(vecs).float()).double().numpy()
+    exact = vecs[1:] @ vecs[0]
+    approx = small[1:] @ small[0]
+    assert np.corrcoef(exact, approx)[0, 1] > 0.99
+
+
+def test_countsketch_manifest_has_no_divisors_and_round_trips():
+    settings = SketchSettings(k=512, projection="countsketch")
+    entry = RapidGradSketch(5000, settings).manifest_entry()
+    assert entry["projection"] == "countsketch" and entry["divisors"] == []
+    assert entry["padded_dim"] == 5000
+    again = RapidGradSketch(5000, settings, divisors=entry["divisors"])
+    v = torch.randn(5000)
+    assert torch.equal(again.transform(v), RapidGradSketch(5000, settings).transform(v))
+    with pytest.raises(SettingsError, match="divisors"):
+        RapidGradSketch(5000, settings, divisors=[[2, 2]])
+
+
+def test_unknown_projection_is_refused():
+    with pytest.raises(SettingsError, match="projection"):
+        RapidGradSketch(5000, SketchSettings(k=512, projection="gaussian"))

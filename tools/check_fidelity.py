@@ -10,6 +10,7 @@ Run it for full-parameter gradients of a parameter subset and for a LoRA adapter
 
     python tools/check_fidelity.py --params 'model.layers.2[6-9].mlp.*' --out docs/fid-full.json
     python tools/check_fidelity.py --lora 8 --out docs/fid-lora.json
+    python tools/check_fidelity.py --adapter runs/lora-sample --out docs/fid-lora-trained.json
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=200, help="training examples")
     parser.add_argument("--params", action="append", default=[], help="parameter globs")
     parser.add_argument("--lora", type=int, default=0, help="use a random LoRA of this rank")
+    parser.add_argument("--adapter", help="use this trained LoRA adapter (tools/finetune.py)")
     parser.add_argument("--k", type=int, default=1 << 16)
     parser.add_argument("--index", help="index directory (default: a temporary one)")
     parser.add_argument("--out", help="write the figures as JSON here")
@@ -85,7 +87,9 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     work = Path(tempfile.mkdtemp(prefix="fidelity-"))
-    adapter = str(make_random_adapter(work / "adapter", args.lora)) if args.lora else None
+    adapter = args.adapter
+    if args.lora:
+        adapter = str(make_random_adapter(work / "adapter", args.lora))
     index = args.index or str(work / "index")
     settings = BuildSettings(
         data=args.data,
