@@ -121,7 +121,13 @@ def convert_gguf(gguf: Path) -> Path:
         plain.load_state_dict(model.state_dict())
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            # Another process converted the same file at the same time and won the rename;
+            # its checkpoint is identical, so use it.
+            if not (out / "config.json").is_file():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     logger.info("prepared %s", out)

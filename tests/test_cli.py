@@ -163,9 +163,9 @@ def test_index_built_with_another_model(built, tmp_path):
     assert "--model" in result.output
 
 
-def test_resume_with_other_settings_shows_both_values(built):
+def test_resume_with_other_settings_shows_both_values(built, tiny_model):
     _, data, index = built
-    result = _run("build", "--data", data, "--index", index, "-k", "512")
+    result = _run("build", "--data", data, "--index", index, "--model", tiny_model, "-k", "512")
     _assert_clean_error(result, "sketch.k: index has 256, requested 512")
 
 
