@@ -299,19 +299,22 @@ def gradient_dot_scores(
     vectors: torch.Tensor,
     examples: Sequence[TokenizedExample],
     desc: str = "gradients",
-) -> np.ndarray:
+    with_norms: bool = False,
+):
     """(m, N) float32 ``<g_i, vectors_j>`` for the uncompressed gradient ``g_i`` of every example.
 
     Args:
         computer: Takes the per-example gradients (its normalisation applies to them).
         vectors: (m, D) float32, one direction per query (a gradient, or ``s_test``).
         examples: The N training examples.
+        with_norms: Also return the (N,) float64 L2 norms of the ``g_i``.
 
     One pass over the training set for all m queries; batches are sized by the same memory
-    estimate as a build.
+    estimate as a build. Returns the scores, or ``(scores, norms)`` with ``with_norms``.
     """
     vectors = vectors.double()
     scores = np.empty((vectors.shape[0], len(examples)), dtype=np.float32)
+    norms = np.empty(len(examples), dtype=np.float64)
     batch = choose_batch_size(computer, examples)
     with progress_bar(total=len(examples), desc=desc, unit="ex") as bar:
         for start in range(0, len(examples), batch):
@@ -319,8 +322,12 @@ def gradient_dot_scores(
             # float64: a float32 dot over 10^8 terms drifts by ~1e-3 relative.
             g = computer.gradients(part).double()
             scores[:, start : start + len(part)] = (vectors @ g.T).detach().cpu().numpy()
+            if with_norms:
+                norms[start : start + len(part)] = (
+                    torch.linalg.vector_norm(g, dim=1).detach().cpu().numpy()
+                )
             bar.update(len(part))
-    return scores
+    return (scores, norms) if with_norms else scores
 
 
 class TracInScorer:

@@ -3,7 +3,9 @@
 A build is resumable: rows are committed chunk by chunk (and at least every
 ``flush_seconds``), and rerunning the same command continues after the last committed row.
 Each row depends only on its own example, so a resumed build writes exactly the rows an
-uninterrupted one would have.
+uninterrupted one would have. Next to each row the exact L2 norm of the example's
+normalised gradient is stored (for ``query --score cosine``); an index begun by a version
+without norms is continued without them.
 """
 
 from __future__ import annotations
@@ -23,8 +25,14 @@ from rapidin_index.data import file_sha256, load_records, tokenize_records
 from rapidin_index.distributed import DistContext
 from rapidin_index.errors import RapidInError, SettingsError
 from rapidin_index.gradients import GradientComputer, GradientSettings, choose_batch_size
-from rapidin_index.model import LoadedModel, load_model, select_parameters
+from rapidin_index.model import (
+    LoadedModel,
+    expand_params_preset,
+    load_model,
+    select_parameters,
+)
 from rapidin_index.progress import progress_bar
+from rapidin_index.scores import manifest_section
 from rapidin_index.sketch import RapidGradSketch, SketchSettings
 from rapidin_index.store import MANIFEST, Store, compare_settings
 
@@ -56,6 +64,8 @@ class BuildSettings:
     memory_budget_gb: float | None = None
     flush_seconds: float = 30.0
     limit: int | None = None
+    # The --preset the score definition came from (recorded in the manifest), or None.
+    preset: str | None = None
 
 
 def model_section(identity: dict) -> dict:
@@ -80,9 +90,16 @@ def prepare(settings: BuildSettings, loaded: LoadedModel | None = None):
         records = records[: settings.limit]
     loaded = loaded or load_model(settings.model, settings.adapter, settings.load_in_4bit)
     examples = tokenize_records(records, loaded.tokenizer, settings.template, settings.max_length)
-    params = select_parameters(loaded.model, settings.gradient.params)
+    preset_globs = expand_params_preset(loaded.model, settings.gradient.params_preset)
+    params = select_parameters(loaded.model, settings.gradient.params, preset_globs)
     computer = GradientComputer(loaded.model, params, settings.gradient.normalization)
     sketch = RapidGradSketch(computer.dim, settings.sketch)
+    gradient = {
+        "params": list(settings.gradient.params),
+        "params_preset": settings.gradient.params_preset,
+        "preset_globs": preset_globs if settings.gradient.params_preset else None,
+        **computer.manifest_entry(),
+    }
     manifest = {
         "package_version": __version__,
         "model": model_section(loaded.identity),
@@ -94,8 +111,9 @@ def prepare(settings: BuildSettings, loaded: LoadedModel | None = None):
             "max_length": settings.max_length,
             "truncated": sum(e.truncated for e in examples),
         },
-        "gradient": {"params": list(settings.gradient.params), **computer.manifest_entry()},
+        "gradient": gradient,
         "sketch": sketch.manifest_entry(),
+        "scores": manifest_section(settings.preset, gradient, norms=True),
     }
     return loaded, records, examples, computer, sketch, manifest
 
@@ -131,8 +149,14 @@ def open_or_create(settings: BuildSettings, manifest: dict) -> Store:
         compare_settings(
             recorded, requested, hint="use the original flags, or a new --index for new settings"
         )
+        if not store.has_norms:
+            logger.warning(
+                "%s was begun by a version that stores no gradient norms; continuing without "
+                "them (query --score cosine will need a new --index)", path,
+            )
         return store
-    return Store.create(path, manifest, settings.sketch.k, settings.rows_per_chunk)
+    return Store.create(path, manifest, settings.sketch.k, settings.rows_per_chunk,
+                        with_norms=True)
 
 
 @dataclass
@@ -253,28 +277,34 @@ def _build_chunk(settings, store, ctx, examples, computer, sketch, chunk, bar) -
     lo = chunk * per_chunk
     hi = min(lo + per_chunk, len(examples))
     rows = list(store.read_chunk_rows(chunk))
+    norms = list(store.read_chunk_norms(chunk))
     if lo + len(rows) >= hi:
         return 0
     last_flush, computed = time.perf_counter(), 0
+
+    def write() -> None:
+        store.write_chunk(chunk, np.stack(rows), np.array(norms, dtype=np.float32))
+        if ctx.is_main:
+            store.commit()
+
     try:
         for first in range(lo + len(rows), hi, settings.batch_size):
             batch = examples[first : min(first + settings.batch_size, hi)]
             grads = computer.gradients(batch)
             with torch.no_grad():
+                # The exact norm of each normalised gradient, before the transform.
+                batch_norms = torch.linalg.vector_norm(grads, dim=1).cpu().numpy()
                 rapid = sketch.transform(grads).cpu().numpy()
             rows.extend(rapid.astype(np.float16))
+            norms.extend(batch_norms.astype(np.float32))
             computed += len(batch)
             bar.update(len(batch))
             if time.perf_counter() - last_flush >= settings.flush_seconds:
-                store.write_chunk(chunk, np.stack(rows))
-                if ctx.is_main:
-                    store.commit()
+                write()
                 last_flush = time.perf_counter()
     finally:
         if rows:
-            store.write_chunk(chunk, np.stack(rows))
-            if ctx.is_main:
-                store.commit()
+            write()
     return computed
 
 

@@ -21,6 +21,24 @@ logger = logging.getLogger("rapidin_index")
 # query --method; the same as rapidin_index.query.METHODS, spelled out here so that the CLI
 # starts without importing torch (tests/test_baselines.py checks that they agree).
 QUERY_METHODS = ["rapidin", "exact", "tracin", "influence-function", "bm25", "embedding", "random"]
+# Score options (rapidin_index.scores), spelled out for the same reason; tests/test_scores.py
+# checks that they agree. Defaults are applied by scores.resolve_*_options, so that
+# --preset paper can tell an explicit flag from a default.
+SCORE_CHOICES = ["dot", "cosine"]
+RANK_BY_CHOICES = ["signed", "abs"]
+PRESET_CHOICES = ["paper"]
+NORMALIZATION_CHOICES = ["layer", "none"]
+
+
+def _preset_option(what: str):
+    return click.option(
+        "--preset",
+        type=click.Choice(PRESET_CHOICES),
+        default=None,
+        help=f"paper: the paper's score definition (TracIn, layer-wise normalisation over "
+        f"every trainable tensor, signed inner product), whatever the defaults; refuses "
+        f"{what} that contradict it.",
+    )
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
@@ -106,12 +124,21 @@ def _model_options(fn):
     help="Only parameters whose name matches (repeatable) [default: all trainable].",
 )
 @click.option(
-    "--normalization",
-    type=click.Choice(["layer", "none"]),
-    default="layer",
-    show_default=True,
-    help="Layer-wise L2 normalisation of gradients (paper) or none.",
+    "--params-preset",
+    "params_preset",
+    metavar="lora-a|lora-b|last-layers:N",
+    default=None,
+    help="Parameters by role: LoRA A or B matrices, or every parameter of the last N decoder "
+    "layers; expanded into globs recorded in the manifest (--params narrows it further) "
+    "[default: all trainable].",
 )
+@click.option(
+    "--normalization",
+    type=click.Choice(NORMALIZATION_CHOICES),
+    default=None,
+    help="Layer-wise L2 normalisation of gradients (paper) or none [default: layer].",
+)
+@_preset_option("--normalization, --params and --params-preset values")
 @click.option(
     "--template",
     type=click.Choice(["alpaca", "chat"]),
@@ -190,7 +217,9 @@ def build(
     adapter,
     load_in_4bit,
     params,
+    params_preset,
     normalization,
+    preset,
     template,
     max_length,
     k,
@@ -205,13 +234,22 @@ def build(
     """Cache a RapidGrad for every training example (resumable)."""
     from rapidin_index.build import BuildSettings, build_index
     from rapidin_index.distributed import DistContext
+    from rapidin_index.scores import resolve_build_options
 
+    # Checked before anything is launched or loaded.
+    normalization, params, params_preset = resolve_build_options(
+        preset, normalization, params, params_preset
+    )
     if workers > 1 and "WORLD_SIZE" not in os.environ:
         _relaunch_under_torchrun(ctx, workers)
         return
     from rapidin_index.gradients import GradientSettings
     from rapidin_index.sketch import SketchSettings
 
+    gradient = GradientSettings(
+        params=tuple(params), normalization=normalization, params_preset=params_preset
+    )
+    gradient.validate()
     settings = BuildSettings(
         data=data,
         index=index,
@@ -220,7 +258,7 @@ def build(
         load_in_4bit=bool(load_in_4bit),
         template=template,
         max_length=max_length,
-        gradient=GradientSettings(params=tuple(params), normalization=normalization),
+        gradient=gradient,
         sketch=SketchSettings(
             k=k, shuffle_rounds=shuffle_rounds, seed=seed, projection=projection
         ),
@@ -228,6 +266,7 @@ def build(
         limit=limit,
         batch_size=batch_size,
         memory_budget_gb=memory_budget,
+        preset=preset,
     )
     report = build_index(settings)
     if DistContext.from_env().is_main:
@@ -297,6 +336,22 @@ def _global_args(ctx: click.Context | None) -> list[str]:
     "(slow); baselines: tracin (no normalisation), influence-function (LiSSA), bm25, "
     "embedding (all-MiniLM-L6-v2 cosine), random.",
 )
+@click.option(
+    "--score",
+    type=click.Choice(SCORE_CHOICES),
+    default=None,
+    help="dot: inner product of the stored gradients (paper); cosine: divided by both "
+    "gradients' exact norms (stored at build time; rapidin and exact only) [default: dot].",
+)
+@click.option(
+    "--rank-by",
+    "rank_by",
+    type=click.Choice(RANK_BY_CHOICES),
+    default=None,
+    help="signed: highest score first (paper); abs: largest magnitude first, each result "
+    "labelled helpful or harmful [default: signed].",
+)
+@_preset_option("--score and --rank-by values")
 @click.option(
     "--engine",
     type=click.Choice(["auto", "cpu", "gpu"]),
@@ -403,6 +458,9 @@ def query(
     topk,
     bottom,
     method,
+    score,
+    rank_by,
+    preset,
     engine,
     fmt,
     max_new_tokens,
@@ -425,7 +483,9 @@ def query(
     """Rank the training examples that most influenced a generation."""
     from rapidin_index.baselines import BaselineSettings
     from rapidin_index.query import Attributor, read_query_inputs, results_to_json
+    from rapidin_index.scores import resolve_query_options
 
+    options = resolve_query_options(preset, score, rank_by)
     queries = read_query_inputs(generation, prompt, prompt_file)
     if target_text is not None:
         import dataclasses
@@ -441,6 +501,8 @@ def query(
         embedding_model=embedding_model,
     )
     attributor = Attributor(index, model_spec, adapter, load_in_4bit, baselines=baselines)
+    if preset == "paper":
+        attributor.check_paper()
     results = attributor.attribute(
         queries,
         topk=topk,
@@ -448,6 +510,7 @@ def query(
         method=method,
         engine=engine,
         max_new_tokens=max_new_tokens,
+        options=options,
     )
     # --- token-wise scores and heat maps ---
     token_wise = token_wise or html_path is not None
@@ -495,6 +558,7 @@ def query(
 @click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
 def info(index, verify, as_json) -> None:
     """Summarise an index's manifest."""
+    from rapidin_index.scores import is_paper_gradient
     from rapidin_index.store import Store
 
     store = Store.open(index)
@@ -516,7 +580,16 @@ def info(index, verify, as_json) -> None:
         f"data           {d['path']} (sha256 {d['sha256'][:12]}, template {d['template']}, "
         f"max length {d['max_length']}, {d['truncated']} truncated)",
         f"gradient       {len(g['parameters'])} tensors, D = {g['dim']:,}, "
-        f"normalization {g['normalization']}",
+        f"normalization {g['normalization']}"
+        + (f", --params {' '.join(g['params'])}" if g.get("params") else "")
+        + (f", --params-preset {g['params_preset']}" if g.get("params_preset") else ""),
+        "scores         "
+        + (
+            "--score dot or cosine (exact gradient norms stored)"
+            if store.has_norms
+            else "--score dot only (no gradient norms stored: built by an older version)"
+        )
+        + (", paper's gradient" if is_paper_gradient(g) else ""),
         f"sketch         {s['projection']}, K = {s['k']}, lambda = {s['shuffle_rounds']}, "
         f"seed {s['seed']}, padded D = {s['padded_dim']:,}",
         f"version        {m['package_version']}",

@@ -25,7 +25,11 @@ cached under the output directory and skipped when its inputs are unchanged:
 3. ``generations.json``: greedy answers of the fine-tuned model to the test prompts, and
    which of them show the attack (backdoor) or the wrong entity (error tracing);
 4. ``scores/<method>.npy``: (m, N) float32 scores of every method for the kept generations;
-5. ``report.md`` and ``results.json``: the tables.
+5. with ``--score-variants``, ``score-variants/``: per-tensor gradient norms and inner
+   products from one exact pass (``per-tensor.npz``), and ``score-variants.md`` /
+   ``score-variants.json``: every score definition's retrieval figures (see
+   :meth:`Pipeline.score_variants`);
+6. ``report.md`` and ``results.json``: the tables.
 """
 
 from __future__ import annotations
@@ -47,6 +51,16 @@ import numpy as np
 from rapidin_index.baselines import BASELINE_METHODS, BaselineSettings
 from rapidin_index.errors import DataError, RapidInError, SettingsError
 from rapidin_index.query import QueryInput, topk_rows
+from rapidin_index.scores import (
+    RANK_BY,
+    VARIANT_NORMALIZATIONS,
+    VARIANT_PARAMS,
+    PerTensorScores,
+    cosine_from_dot,
+    per_tensor_pass,
+    variant_norms,
+    variant_scores,
+)
 from rapidin_index.synthetic import (
     add_trigger,
     mentions,
@@ -181,6 +195,18 @@ def average_proportion(scores: np.ndarray, perturbed: np.ndarray, ks: Sequence[i
     return out
 
 
+def precision_at(key: np.ndarray, labels: np.ndarray, k: int) -> float:
+    """Mean over generations of the share of culprits among the k highest-keyed examples.
+
+    Args:
+        key: (m, N) ranking key (a score, or its magnitude); ties go to the lower id.
+        labels: (m, N) bool, True for a culprit of that generation.
+        k: Cut-off, at most N.
+    """
+    hits = [labels[i, topk_rows(key[i], k)[0]].sum() / k for i in range(key.shape[0])]
+    return float(np.mean(hits))
+
+
 # --------------------------------------------------------------------------------------------
 # Pipeline
 # --------------------------------------------------------------------------------------------
@@ -209,6 +235,7 @@ class EvalSettings:
         baselines: Options of the baseline methods.
         device: Where the model runs (None: CUDA when available).
         seed: Seed of the injected generations.
+        score_variants: Also run the score-variants stage (``--score-variants``).
     """
 
     data: str
@@ -231,6 +258,7 @@ class EvalSettings:
     baselines: BaselineSettings = field(default_factory=BaselineSettings)
     device: str | None = None
     seed: int = 0
+    score_variants: bool = False
 
     def validate(self) -> None:
         unknown = [m for m in self.methods if m not in EVAL_METHODS]
@@ -547,6 +575,224 @@ class Pipeline:
             }
         return scores, costs
 
+    # ---- score variants ------------------------------------------------------------------
+
+    def per_tensor_scores(self, queries: Sequence[QueryInput]) -> tuple[PerTensorScores, bool]:
+        """Per-tensor norms and query inner products of raw gradients (cached), and whether
+        they came from the cache.
+
+        One exact gradient pass over the training set, over the tensors of the first index
+        (every trainable tensor: the adapter's); full gradients are never stored.
+        """
+        import torch
+
+        from rapidin_index.data import tokenize_records
+        from rapidin_index.gradients import GradientComputer
+
+        folder = self.out / "score-variants"
+        folder.mkdir(exist_ok=True)
+        array_path, stamp_path = folder / "per-tensor.npz", folder / "per-tensor.json"
+        att = self.attributor(*self.variants[0])
+        key = _digest(
+            {
+                "adapter": self.adapter_key(),
+                "data": self.data_sha,
+                "max_length": self.settings.max_length,
+                "4bit": self.settings.load_in_4bit,
+                "tensors": att.computer.names,
+                "queries": [(q.instruction, q.generation, q.target_text) for q in queries],
+            }
+        )
+        if (_read_json(stamp_path) or {}).get("key") == key and array_path.is_file():
+            return PerTensorScores.load(array_path), True
+        computer = GradientComputer(
+            att.computer.model, list(zip(att.computer.names, att.computer.params)), "none"
+        )
+        query_grads = torch.stack([computer.gradient(att.query_example(q)) for q in queries])
+        examples = tokenize_records(att.records(), att.tokenizer, att.template, att.max_length)
+        started = time.perf_counter()
+        pts = per_tensor_pass(computer, query_grads, examples, desc="score variants")
+        pts.save(array_path)
+        _write_json(
+            stamp_path,
+            {"key": key, "seconds": round(time.perf_counter() - started, 3),
+             "shape": list(pts.dots.shape)},
+        )
+        return pts, False
+
+    def score_variants(
+        self, query_sets: dict[str, tuple[Sequence[QueryInput], np.ndarray, np.ndarray]]
+    ) -> dict:
+        """Retrieval figures of every score definition; writes ``score-variants.md``/``.json``.
+
+        Exact (uncompressed) scores for every normalisation of
+        :data:`~rapidin_index.scores.VARIANT_NORMALIZATIONS` x parameter subset of
+        :data:`~rapidin_index.scores.VARIANT_PARAMS` x ranking (signed, abs), all from one
+        pass of per-tensor gradients (:meth:`per_tensor_scores`); then the RapidIn index of
+        each (K, λ) scored by sketched dot product and by sketched dot product over exact
+        norms (the index's stored norms, or norms from the pass for an index built before
+        norms were stored).
+
+        Args:
+            query_sets: ``{name: (queries, labels, groups)}``: the generations, (m, N) bool
+                "this training example is a culprit" per generation, and (m,) int group of
+                each generation (metrics are averaged within groups, then over groups).
+        """
+        began = time.perf_counter()
+        names = list(query_sets)
+        everything = [q for name in names for q in query_sets[name][0]]
+        pts, cached = self.per_tensor_scores(everything)
+        results: dict = {"query_sets": {}}
+        offset = 0
+        for name in names:
+            queries, labels, groups = query_sets[name]
+            part = PerTensorScores(
+                pts.names,
+                pts.dots[offset : offset + len(queries)],
+                pts.example_norms,
+                pts.query_norms[offset : offset + len(queries)],
+            )
+            offset += len(queries)
+            results["query_sets"][name] = self._variant_rows(name, part, queries, labels, groups)
+        results["columns"] = self.variant_columns()
+        results["tensors"] = {
+            params: int(pts.mask(params).sum()) for params in VARIANT_PARAMS
+        }
+        _write_json(self.out / "score-variants.json", results)
+        (self.out / "score-variants.md").write_text(
+            self.variants_markdown(results), encoding="utf-8"
+        )
+        self._stage("score variants", cached, began)
+        return results
+
+    def _variant_rows(self, name, pts, queries, labels, groups) -> list[dict]:
+        rows = []
+        for params in VARIANT_PARAMS:
+            mask = pts.mask(params)
+            if not mask.any():
+                logger.info("score variants: no %s tensors; skipped", params)
+                continue
+            for normalization in VARIANT_NORMALIZATIONS:
+                scores = variant_scores(pts, mask, normalization)
+                for rank_by in RANK_BY:
+                    rows.append(
+                        {
+                            "method": "exact",
+                            "params": params,
+                            "normalization": normalization,
+                            "rank_by": rank_by,
+                            "paper": (params, normalization, rank_by)
+                            == ("all", "layer", "signed"),
+                            "metrics": self.variant_metrics(
+                                np.abs(scores) if rank_by == "abs" else scores, labels, groups
+                            ),
+                        }
+                    )
+        for k, lam in self.variants:
+            rows += self._sketch_rows(name, pts, queries, labels, groups, k, lam)
+        return rows
+
+    def _sketch_rows(self, name, pts, queries, labels, groups, k, lam) -> list[dict]:
+        """Rows of one RapidIn index: sketched dot and sketched dot over exact norms."""
+        from rapidin_index.store import Store
+
+        store = Store.open(self.index_path(k, lam))
+        gradient = store.manifest["gradient"]
+        normalization = gradient["normalization"]
+        mask = pts.names_mask([p["name"] for p in gradient["parameters"]])
+        params = next(
+            (p for p in VARIANT_PARAMS if np.array_equal(pts.mask(p), mask)), "custom"
+        )
+        prefix = "rapidin-tw" if name == "E2 tokens" else "rapidin"
+        dots, _ = self.score(f"{prefix}-k{k}-l{lam}", "rapidin", (k, lam), queries)
+        computed = variant_norms(pts.example_norms, mask, normalization)
+        if store.has_norms:
+            row_norms = store.read_norms().astype(np.float64)
+            worst = float(np.max(np.abs(row_norms - computed) / np.maximum(computed, 1e-30)))
+            logger.info("stored norms of %s agree with the pass to %.1e (relative)",
+                        self.index_path(k, lam).name, worst)
+            source = "stored"
+        else:
+            row_norms, source = computed, "from the exact pass (index stores none)"
+        cosine = cosine_from_dot(dots, variant_norms(pts.query_norms, mask, normalization),
+                                 row_norms)
+        rows = []
+        for score, values in (("dot", dots.astype(np.float64)), ("cosine", cosine)):
+            for rank_by in RANK_BY:
+                rows.append(
+                    {
+                        "method": f"RapidIn sketch K={k} λ={lam}",
+                        "params": params,
+                        "normalization": normalization if score == "dot" else (
+                            "cosine" if normalization == "layer" else f"{normalization}-cosine"
+                        ),
+                        "rank_by": rank_by,
+                        "score": score,
+                        "norms": source if score == "cosine" else None,
+                        "paper": False,
+                        "metrics": self.variant_metrics(
+                            np.abs(values) if rank_by == "abs" else values, labels, groups
+                        ),
+                    }
+                )
+        return rows
+
+    def variant_columns(self) -> list[str]:
+        raise NotImplementedError
+
+    def variant_metrics(self, key: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> dict:
+        raise NotImplementedError
+
+    def variants_markdown(self, results: dict) -> str:
+        """``score-variants.md``: one table per query set, best exact variant named."""
+        columns = results["columns"]
+        lines = [
+            f"# Score definitions compared ({self.kind})",
+            "",
+            "Exact rows: uncompressed gradients, all variants from one pass of per-tensor "
+            "gradients (norms and inner products per parameter tensor). normalisation: "
+            "`layer` = sum over tensors of <g_t, q_t> / (|g_t| |q_t|) (the paper), `cosine` = "
+            "layer / (|ĝ| |q̂|) with ĝ, q̂ the layer-normalised gradients over the chosen "
+            "tensors, `none` = <g, q> (TracIn), `none-cosine` = <g, q> / (|g| |q|). params: "
+            "`all` = every trainable tensor (the adapter's), `lora-b` / `lora-a` = the LoRA B / "
+            "A matrices only. rank by: `signed` = highest score first, `abs` = largest "
+            "magnitude first (the metrics' top-k sets, and the bottom-k sets of auPRC/auROC, "
+            "use that key). RapidIn sketch rows: the index's stored RapidGrads, their inner "
+            "product (normalisation as built) or that inner product divided by the exact "
+            "gradient norms (`cosine`: the norms the index stores, or for an index built "
+            "before norms were stored the same norms from the exact pass; the query's from "
+            "its exact gradient).",
+            "",
+            "Tensors per subset: "
+            + ", ".join(f"{p} {n}" for p, n in results["tensors"].items()),
+        ]
+        for name, rows in results["query_sets"].items():
+            lines += ["", f"## {name}", ""]
+            head = "| Method | params | normalisation | rank by | " + " | ".join(columns) + " |"
+            lines += [head, "|---|---|---|---|" + "---|" * len(columns)]
+            for row in rows:
+                label = row["method"] + (" (paper)" if row["paper"] else "")
+                cells = [_fmt(row["metrics"][c]) for c in columns]
+                lines.append(
+                    f"| {label} | {row['params']} | {row['normalization']} | {row['rank_by']} | "
+                    + " | ".join(cells)
+                    + " |"
+                )
+            exact = [r for r in rows if r["method"] == "exact"]
+            if exact:
+                # By the first column, ties broken by the next ones, then for the paper's.
+                best = max(
+                    exact,
+                    key=lambda r: ([round(r["metrics"][c], 9) for c in columns], r["paper"]),
+                )
+                lines += [
+                    "",
+                    f"Best exact variant by {', then '.join(columns)}: params "
+                    f"{best['params']}, normalisation {best['normalization']}, rank by "
+                    f"{best['rank_by']} ({columns[0]} {_fmt(best['metrics'][columns[0]])}).",
+                ]
+        return "\n".join(lines) + "\n"
+
     # ---- the whole run -------------------------------------------------------------------
 
     def prepare(self) -> None:
@@ -681,6 +927,16 @@ class BackdoorPipeline(Pipeline):
             "attributed": len(attacked),
             "injected": sum(r["injected"] for r in attacked),
         }
+        if s.score_variants:
+            self.score_variants(
+                {
+                    "generation": (
+                        queries,
+                        np.tile(poisoned, (len(queries), 1)),
+                        np.zeros(len(queries), dtype=int),
+                    )
+                }
+            )
         tables = [self.header(attack), backdoor_table(metrics, ks), cost_table(costs, dim)]
         return self.write(
             {
@@ -693,6 +949,25 @@ class BackdoorPipeline(Pipeline):
             },
             tables,
         )
+
+    def variant_columns(self) -> list[str]:
+        n = len(self.records)
+        return [f"P@{k}" for k in (10, 50) if k <= n] + [
+            f"Top {k} {m}" for k in usable_ks(BACKDOOR_KS, n) for m in ("auPRC", "auROC")
+        ]
+
+    def variant_metrics(self, key: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> dict:
+        """Precision of poisoned examples among the top 10 and 50, and Table 4's auPRC and
+        auROC per k, of the (m, N) ranking key."""
+        out = {}
+        for k in (10, 50):
+            if k <= key.shape[1]:
+                out[f"P@{k}"] = precision_at(key, labels, k)
+        poisoned = labels[0]
+        for k, values in summarize_backdoor(key, poisoned, BACKDOOR_KS).items():
+            out[f"Top {k} auPRC"] = values["auprc"]
+            out[f"Top {k} auROC"] = values["auroc"]
+        return out
 
     def header(self, attack: dict) -> str:
         meta = self.meta
@@ -815,6 +1090,16 @@ class ErrorTracingPipeline(Pipeline):
                 perturbed[pair["perturbed_ids"]] = True
                 name = f"{pair['e1']} → {pair['e2']}"
                 metrics[label][name] = average_proportion(sc[owner == index], perturbed, TRACING_KS)
+        if s.score_variants:
+            labels = np.zeros((len(kept), len(self.records)), dtype=bool)
+            for row, r in enumerate(kept):
+                labels[row, pairs[r["pair"]]["perturbed_ids"]] = True
+            self.score_variants(
+                {
+                    "generation": (queries, labels, owner),
+                    "E2 tokens": (targeted, labels, owner),
+                }
+            )
         dim = self.dim
         summary = [
             {
@@ -831,6 +1116,22 @@ class ErrorTracingPipeline(Pipeline):
             {"kind": self.kind, "metrics": metrics, "costs": costs, "pairs": summary, "dim": dim},
             tables,
         )
+
+    def variant_columns(self) -> list[str]:
+        return [f"AP@{k}" for k in TRACING_KS if k <= len(self.records)]
+
+    def variant_metrics(self, key: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> dict:
+        """Table 5's AP (perturbed among the top k / k) per k, averaged over each pair's
+        generations and then over pairs."""
+        out = {}
+        for k in TRACING_KS:
+            if k <= key.shape[1]:
+                per_group = [
+                    precision_at(key[groups == g], labels[groups == g], k)
+                    for g in np.unique(groups)
+                ]
+                out[f"AP@{k}"] = float(np.mean(per_group))
+        return out
 
     def header(self, summary: list[dict]) -> str:
         lines = [
@@ -928,6 +1229,13 @@ def add_run_arguments(parser) -> None:
     add("--lissa-batch-size", type=int, default=8)
     add("--device", default=None, help="cpu or cuda [default: cuda when available].")
     add("--seed", type=int, default=0)
+    add(
+        "--score-variants",
+        action="store_true",
+        help="Also compare score definitions (normalisation x parameter subset x ranking, "
+        "exact, from one gradient pass; and the index's sketch dot / cosine): writes "
+        "OUT/score-variants.md and .json. Reuses the finished stages of OUT.",
+    )
 
 
 def settings_from_args(args, data: str, model: str | None = None) -> EvalSettings:
@@ -965,6 +1273,7 @@ def settings_from_args(args, data: str, model: str | None = None) -> EvalSetting
         ),
         device=args.device,
         seed=args.seed,
+        score_variants=getattr(args, "score_variants", False),
     )
 
 

@@ -68,16 +68,23 @@ class GradientSettings:
     Attributes:
         params: Shell globs over parameter names (``--params``); empty = all trainable.
         normalization: ``"layer"`` (the paper's layer-wise L2 normalisation) or ``"none"``.
+        params_preset: A ``--params-preset`` (``lora-a``, ``lora-b``, ``last-layers:N``;
+            see :func:`rapidin_index.model.expand_params_preset`) or None; ``params``
+            narrows it further.
     """
 
     params: tuple[str, ...] = ()
     normalization: str = "layer"
+    params_preset: str | None = None
 
     def validate(self) -> None:
+        from rapidin_index.model import check_params_preset
+
         if self.normalization not in NORMALIZATIONS:
             raise SettingsError(
                 f"unknown --normalization {self.normalization!r}; choose from {NORMALIZATIONS}"
             )
+        check_params_preset(self.params_preset)
 
 
 def _no_labels_error() -> DataError:

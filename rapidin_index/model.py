@@ -16,6 +16,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -236,18 +237,96 @@ def load_model(
     return LoadedModel(model, tokenizer, identity)
 
 
+# --params-preset NAME: parameter selections by role, expanded into shell globs over
+# parameter names (recorded in the manifest). "last-layers:N" is expanded per model.
+PARAM_PRESETS = {
+    "lora-a": ("*.lora_A.*", "*.lora_embedding_A*"),
+    "lora-b": ("*.lora_B.*", "*.lora_embedding_B*"),
+}
+LAST_LAYERS = "last-layers:"
+# A decoder layer's parameters: "<prefix>.<layer index>.<rest>", the prefix ending in one of
+# the containers transformers uses for the stack (llama "model.layers", gpt2 "transformer.h").
+_LAYER_NAME = re.compile(r"^(?P<prefix>(?:.*?\.)?(?:layers|h|blocks|block))\.(?P<index>\d+)\.")
+
+
+def check_params_preset(preset: str | None) -> None:
+    """Raise :class:`SettingsError` unless ``preset`` is None or a known --params-preset."""
+    if preset is None or preset in PARAM_PRESETS:
+        return
+    if preset.startswith(LAST_LAYERS):
+        count = preset[len(LAST_LAYERS):]
+        if count.isdigit() and int(count) >= 1:
+            return
+    raise SettingsError(
+        f"unknown --params-preset {preset!r}; choose from {sorted(PARAM_PRESETS)} or "
+        f"{LAST_LAYERS}N (N >= 1)"
+    )
+
+
+def expand_params_preset(model: torch.nn.Module, preset: str | None) -> list[str]:
+    """The shell globs a ``--params-preset`` stands for on this model (empty for None).
+
+    ``lora-a`` / ``lora-b``: the LoRA A (down) / B (up) matrices; ``last-layers:N``: every
+    parameter of the last N decoder layers (``<prefix>.<i>.*`` for the N largest layer
+    indices ``i`` of the model's layer stack).
+
+    Raises:
+        SettingsError: unknown preset, a model without a recognisable layer stack, or N
+            larger than its number of layers.
+    """
+    check_params_preset(preset)
+    if preset is None:
+        return []
+    if preset in PARAM_PRESETS:
+        return list(PARAM_PRESETS[preset])
+    count = int(preset[len(LAST_LAYERS):])
+    stacks: dict[str, set[int]] = {}
+    for name, _ in model.named_parameters():
+        match = _LAYER_NAME.match(name)
+        if match:
+            stacks.setdefault(match["prefix"], set()).add(int(match["index"]))
+    if len(stacks) != 1:
+        found = ", ".join(sorted(stacks)) or "none"
+        raise SettingsError(
+            f"--params-preset {preset}: cannot tell the decoder layers of this model apart "
+            f"(layer stacks found: {found}); select them with --params GLOB instead"
+        )
+    (prefix, indices), = stacks.items()
+    if count > len(indices):
+        raise SettingsError(
+            f"--params-preset {preset}: the model has only {len(indices)} layers"
+        )
+    return [f"{prefix}.{i}.*" for i in sorted(indices)[-count:]]
+
+
 def select_parameters(
-    model: torch.nn.Module, patterns: tuple[str, ...] | list[str] | None = None
+    model: torch.nn.Module,
+    patterns: tuple[str, ...] | list[str] | None = None,
+    preset_globs: tuple[str, ...] | list[str] | None = None,
 ) -> list[tuple[str, torch.nn.Parameter]]:
     """The parameters whose gradients are taken, in ``named_parameters()`` order.
 
     That order is the flattening order of every gradient and is written to the manifest.
     Only trainable parameters count: the adapter's when one is loaded, else all of them.
-    ``patterns`` (from ``--params``) are shell globs over parameter names.
+    ``preset_globs`` (a ``--params-preset`` expanded by :func:`expand_params_preset`) and
+    ``patterns`` (from ``--params``) are shell globs over parameter names; a parameter is
+    taken when it matches one of each given kind (so ``--params`` narrows a preset).
     """
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not trainable:
         raise ModelError("the model has no trainable parameters to take gradients of")
+    if preset_globs:
+        chosen = [
+            (n, p) for n, p in trainable
+            if any(fnmatch.fnmatchcase(n, pat) for pat in preset_globs)
+        ]
+        if not chosen:
+            examples = ", ".join(n for n, _ in trainable[:3])
+            raise SettingsError(
+                f"--params-preset (globs {list(preset_globs)}) matches no trainable parameter "
+                f"(names look like: {examples}); LoRA presets need an --adapter"
+            )
+        trainable = chosen
     if patterns:
         chosen = [
             (n, p) for n, p in trainable if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)

@@ -3,7 +3,9 @@
 The generation's gradient is taken with the same model, parameters, template and
 normalisation as the index, compressed with the same RapidGrad transform, and scored
 against every stored row by inner product (paper Eq. 5 with one checkpoint): higher means
-the training example pushed the model towards writing this generation.
+the training example pushed the model towards writing this generation. ``--score cosine``
+divides by both gradients' exact norms and ``--rank-by abs`` ranks by magnitude; see
+:mod:`rapidin_index.scores`.
 """
 
 from __future__ import annotations
@@ -37,6 +39,16 @@ from rapidin_index.data import (
 from rapidin_index.errors import DataError, ModelError, SettingsError
 from rapidin_index.gradients import GradientComputer
 from rapidin_index.model import LoadedModel, load_model
+from rapidin_index.scores import (
+    SCORES,
+    ScoreOptions,
+    check_paper_index,
+    cosine_from_dot,
+    effect,
+    inverse_norms,
+    merge_abs,
+    rank_rows,
+)
 from rapidin_index.sketch import RapidGradSketch, SketchSettings
 from rapidin_index.store import Store, compare_settings
 
@@ -45,6 +57,9 @@ logger = logging.getLogger(__name__)
 # rapidin: RapidGrad scan; exact: TracIn with layer-wise normalisation on full gradients;
 # the rest are the paper's baselines (rapidin_index/baselines.py).
 METHODS = ("rapidin", "exact", *BASELINE_METHODS)
+# The methods whose scores are gradient inner products under the index's normalisation,
+# so that --score cosine is defined for them.
+COSINE_METHODS = ("rapidin", "exact")
 
 
 @dataclass(frozen=True)
@@ -98,7 +113,13 @@ def read_query_inputs(
 @dataclass
 class QueryResult:
     """Ranked training examples for one generation; ``results`` and ``bottom`` are dicts
-    with ``rank``, ``id``, ``score``, ``instruction``, ``input``, ``output``."""
+    with ``rank``, ``id``, ``score``, ``instruction``, ``input``, ``output``.
+
+    With ``rank_by="abs"``, ``results`` holds the largest-magnitude scores, each row with
+    its signed ``score`` and an ``effect`` (``helpful``, ``harmful`` or ``neutral``);
+    ``bottom`` is always the most harmful (lowest signed score) list. The JSON carries
+    ``score`` and ``rank_by`` when they differ from the paper's ``dot`` / ``signed``.
+    """
 
     prompt: str
     generation: str
@@ -106,9 +127,15 @@ class QueryResult:
     bottom: list[dict] | None = None
     # Query-level token-wise output (generation_tokens, target, pairwise); tokenwise.annotate.
     tokenwise: dict | None = None
+    score: str = "dot"
+    rank_by: str = "signed"
 
     def to_json(self) -> dict:
         out = {"prompt": self.prompt, "generation": self.generation, "results": self.results}
+        if self.score != "dot":
+            out["score"] = self.score
+        if self.rank_by != "signed":
+            out["rank_by"] = self.rank_by
         if self.bottom is not None:
             out["bottom"] = self.bottom
         if self.tokenwise is not None:
@@ -261,18 +288,51 @@ class Attributor:
 
     def rapidgrads(self, queries: Sequence[QueryInput]) -> np.ndarray:
         """(m, K) float32 RapidGrads of the generations (kept in fp32, not rounded)."""
+        return self.rapidgrads_and_norms(queries)[0]
+
+    def rapidgrads_and_norms(self, queries: Sequence[QueryInput]) -> tuple[np.ndarray, np.ndarray]:
+        """(m, K) float32 RapidGrads and (m,) float64 exact norms of the normalised
+        gradients they compress (what ``--score cosine`` divides by)."""
         grads = self.query_gradients(queries)
+        # float32 reduction (no float64 copy of the (m, D) gradients); relative error ~1e-6
+        norms = torch.linalg.vector_norm(grads, dim=1).double().cpu().numpy()
         with torch.no_grad():
             out = self.sketch.transform(grads)
-        return out.cpu().numpy().astype(np.float32)
+        return out.cpu().numpy().astype(np.float32), norms
 
-    def score_all(self, queries: Sequence[QueryInput], method: str = "rapidin") -> np.ndarray:
-        """(m, N) float32 scores of every training example; for small stores and checks."""
+    def require_norms(self) -> None:
+        """Raise :class:`SettingsError` unless the index stores its rows' gradient norms."""
+        if not self.store.has_norms:
+            raise SettingsError(
+                f"--score cosine needs the exact gradient norms that indexes store since "
+                f"score options exist, and {self.store.path} has none (built by an older "
+                "version); rebuild it with rapidin-index build into a new --index, or use "
+                "--score dot"
+            )
+
+    def check_paper(self) -> None:
+        """Raise :class:`SettingsError` unless the index holds the paper's gradients
+        (``query --preset paper``)."""
+        check_paper_index(self.manifest, str(self.store.path))
+
+    def score_all(
+        self, queries: Sequence[QueryInput], method: str = "rapidin", score: str = "dot"
+    ) -> np.ndarray:
+        """(m, N) float32 scores of every training example; for small stores and checks.
+
+        ``score="cosine"`` (methods ``rapidin`` and ``exact``) divides each inner product by
+        the exact norms of both gradients: the stored row norms for ``rapidin``.
+        """
+        _check_score(method, score)
         if method == "rapidin":
-            q = self.rapidgrads(queries)
-            return q @ self.store.read_all().astype(np.float32).T
+            q, norms = self.rapidgrads_and_norms(queries)
+            dots = q @ self.store.read_all().astype(np.float32).T
+            if score == "cosine":
+                self.require_norms()
+                return cosine_from_dot(dots, norms, self.store.read_norms()).astype(np.float32)
+            return dots
         if method == "exact":
-            return self.exact_scores(queries)
+            return self.exact_scores(queries, cosine=score == "cosine")
         if method in BASELINE_METHODS:
             scorer = self.scorer(method)
             began = time.perf_counter()
@@ -288,8 +348,9 @@ class Attributor:
             self._scorers[method] = make_scorer(method, self, self.baseline_settings)
         return self._scorers[method]
 
-    def exact_scores(self, queries: Sequence[QueryInput]) -> np.ndarray:
-        """(m, N) scores with uncompressed gradients: TracIn with layer-wise normalisation.
+    def exact_scores(self, queries: Sequence[QueryInput], cosine: bool = False) -> np.ndarray:
+        """(m, N) scores with uncompressed gradients: TracIn with layer-wise normalisation
+        (the index's normalisation), divided by both gradients' norms with ``cosine``.
 
         Recomputes every training gradient, so it costs a full caching pass per call.
         """
@@ -299,7 +360,13 @@ class Attributor:
         began = time.perf_counter()
         # Batched exact per-example gradients (the same as one at a time, see
         # GradientComputer.gradients), sized by the same memory estimate as a build.
-        scores = gradient_dot_scores(self.computer, grads, examples, desc="exact")
+        if cosine:
+            scores, norms = gradient_dot_scores(self.computer, grads, examples, desc="exact",
+                                                with_norms=True)
+            query_norms = torch.linalg.vector_norm(grads, dim=1).double().cpu().numpy()
+            scores = cosine_from_dot(scores, query_norms, norms).astype(np.float32)
+        else:
+            scores = gradient_dot_scores(self.computer, grads, examples, desc="exact")
         self.timings.scan_seconds += time.perf_counter() - began
         return scores
 
@@ -311,10 +378,22 @@ class Attributor:
         method: str = "rapidin",
         engine: str = "auto",
         max_new_tokens: int = 128,
+        options: ScoreOptions | None = None,
     ) -> list[QueryResult]:
-        """Rank training examples for each query (generating missing generations first)."""
+        """Rank training examples for each query (generating missing generations first).
+
+        ``options`` picks the score (``dot`` / ``cosine``) and the ranking (``signed`` /
+        ``abs``); default: the paper's signed inner product.
+        """
+        options = options or ScoreOptions()
+        options.validate()
         if topk < 1:
             raise SettingsError(f"--topk must be at least 1, got {topk}")
+        if method not in METHODS:
+            raise SettingsError(f"unknown --method {method!r}; choose from {METHODS}")
+        _check_score(method, options.score)
+        if options.score == "cosine" and method == "rapidin":
+            self.require_norms()
         if self.store.rows == 0:
             raise DataError("the index holds no rows yet; run rapidin-index build first")
         queries = [
@@ -322,32 +401,43 @@ class Attributor:
             else replace(q, generation=self.generate(q.instruction, max_new_tokens))
             for q in queries
         ]
+        absolute = options.rank_by == "abs"
         if method == "rapidin":
-            q = self.rapidgrads(queries)
+            q, norms = self.rapidgrads_and_norms(queries)
+            cosine = options.score == "cosine"
+            if cosine:
+                q = q * inverse_norms(norms).astype(np.float32)[:, None]
             began = time.perf_counter()
-            tops, bots = self._scan(q, topk, bottom, engine)
+            # The largest magnitudes are among the highest and the lowest scores.
+            tops, bots = self._scan(q, topk, bottom or absolute, engine, cosine=cosine)
+            if absolute:
+                tops = [merge_abs(t, b, topk) for t, b in zip(tops, bots)]
+            if not bottom:
+                bots = None
             self.timings.scan_seconds += time.perf_counter() - began
-        elif method in METHODS:
-            scores = self.score_all(queries, method)
-            tops = [topk_rows(s, topk, largest=True) for s in scores]
-            bots = [topk_rows(s, topk, largest=False) for s in scores] if bottom else None
         else:
-            raise SettingsError(f"unknown --method {method!r}; choose from {METHODS}")
+            scores = self.score_all(queries, method, options.score)
+            tops = [rank_rows(s, topk, options.rank_by) for s in scores]
+            bots = [topk_rows(s, topk, largest=False) for s in scores] if bottom else None
         out = []
         for i, query in enumerate(queries):
             out.append(QueryResult(
                 prompt=query.instruction,
                 generation=query.generation or "",
-                results=self._rows(*tops[i]),
-                bottom=self._rows(*bots[i]) if bots is not None else None,
+                results=self._rows(*tops[i], with_effect=absolute),
+                bottom=self._rows(*bots[i], with_effect=absolute) if bots is not None else None,
+                score=options.score,
+                rank_by=options.rank_by,
             ))
         return out
 
-    def _scan(self, q: np.ndarray, topk: int, bottom: bool, engine: str):
+    def _scan(self, q: np.ndarray, topk: int, bottom: bool, engine: str, cosine: bool = False):
         """Top (and bottom) ``topk`` per query over the committed rows of the store.
 
-        Under ``torchrun`` each rank scans the chunks it owns and the per-rank lists are
-        merged, which gives the same ids and scores as one process scanning everything.
+        With ``cosine`` each row's score is divided by its stored exact gradient norm (the
+        query's norm is already divided out of ``q``). Under ``torchrun`` each rank scans
+        the chunks it owns and the per-rank lists are merged, which gives the same ids and
+        scores as one process scanning everything.
         """
         from rapidin_index.distributed import DistContext, merge_ranked
         from rapidin_index.scan import iter_raw_chunks, scan
@@ -357,10 +447,12 @@ class Attributor:
         # Read the committed row count once: a concurrent build may append more rows,
         # and the scan must cover exactly the prefix that was committed now.
         self.store.reload()
-        files = [f for i, f in enumerate(self.store.chunk_files(self.store.rows))
+        rows = self.store.rows
+        scale = inverse_norms(self.store.read_norms(rows)) if cosine else None
+        files = [f for i, f in enumerate(self.store.chunk_files(rows))
                  if ctx.owns_chunk(i)]
         found = scan(q, iter_raw_chunks(files, self.store.k), topk, bottom=bottom,
-                     engine=engine)
+                     engine=engine, row_scale=scale)
         tops = list(zip(found.top_ids, found.top_scores))
         bots = list(zip(found.bottom_ids, found.bottom_scores)) if bottom else None
         if ctx.enabled:
@@ -371,7 +463,7 @@ class Attributor:
                         for i in range(len(q))]
         return tops, bots
 
-    def _rows(self, ids: np.ndarray, scores: np.ndarray) -> list[dict]:
+    def _rows(self, ids: np.ndarray, scores: np.ndarray, with_effect: bool = False) -> list[dict]:
         try:
             records = self.records()
         except DataError as err:
@@ -380,11 +472,23 @@ class Attributor:
         rows = []
         for rank, (row, score) in enumerate(zip(ids.tolist(), scores.tolist()), start=1):
             item = {"rank": rank, "id": int(row), "score": float(score)}
+            if with_effect:
+                item["effect"] = effect(score)
             if records is not None and row < len(records):
                 rec = records[row]
                 item.update(instruction=rec.instruction, input=rec.input, output=rec.output)
             rows.append(item)
         return rows
+
+
+def _check_score(method: str, score: str) -> None:
+    if score not in SCORES:
+        raise SettingsError(f"unknown --score {score!r}; choose from {SCORES}")
+    if score == "cosine" and method not in COSINE_METHODS:
+        raise SettingsError(
+            f"--score cosine is defined for --method {' or '.join(COSINE_METHODS)} (gradient "
+            f"inner products), not for --method {method}; use --score dot"
+        )
 
 
 def results_to_json(results: Sequence[QueryResult], timings: Timings | None = None) -> str:

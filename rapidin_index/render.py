@@ -17,10 +17,14 @@ def _snippet(text: str, width: int) -> str:
 
 
 def results_table(rows: Sequence[dict], title: str) -> Table:
+    """A table of ranked rows; an ``effect`` column when the rows carry one (--rank-by abs)."""
+    effects = any("effect" in row for row in rows)
     table = Table(title=title, title_justify="left", show_lines=False)
     table.add_column("rank", justify="right")
     table.add_column("id", justify="right")
     table.add_column("score", justify="right")
+    if effects:
+        table.add_column("effect")
     table.add_column("instruction", overflow="fold")
     table.add_column("response", overflow="fold")
     for row in rows:
@@ -28,10 +32,11 @@ def results_table(rows: Sequence[dict], title: str) -> Table:
         if row.get("input"):
             instruction = f"{instruction} | {row['input']}"
         # Text(), not str: training text must never be parsed as rich markup.
+        cells = [str(row["rank"]), str(row["id"]), f"{row['score']:.4g}"]
+        if effects:
+            cells.append(row.get("effect", ""))
         table.add_row(
-            str(row["rank"]),
-            str(row["id"]),
-            f"{row['score']:.4g}",
+            *cells,
             Text(_snippet(instruction, 60)),
             Text(_snippet(row.get("output", ""), 60)),
         )
@@ -47,6 +52,11 @@ def print_results(results: Sequence[QueryResult], console: Console | None = None
         console.print(
             f"generation: {_snippet(result.generation, 200)}", markup=False, highlight=False
         )
-        console.print(results_table(result.results, "most helpful (highest score)"))
+        score = "cosine" if result.score == "cosine" else "score"
+        if result.rank_by == "abs":
+            title = f"most influential (largest |{score}|, helpful or harmful)"
+        else:
+            title = f"most helpful (highest {score})"
+        console.print(results_table(result.results, title))
         if result.bottom is not None:
-            console.print(results_table(result.bottom, "most harmful (lowest score)"))
+            console.print(results_table(result.bottom, f"most harmful (lowest {score})"))

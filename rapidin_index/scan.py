@@ -733,6 +733,7 @@ def scan(
     bottom: bool = False,
     engine: str = "cpu",
     progress: bool = False,
+    row_scale: np.ndarray | None = None,
 ) -> ScanResult:
     """Exact top-k (and bottom-k) rows by inner product, streaming the store once.
 
@@ -748,6 +749,9 @@ def scan(
         bottom: also return the k lowest-scoring rows.
         engine: ``"cpu"`` (numba), ``"gpu"`` (torch CUDA streaming) or ``"auto"``.
         progress: show a tqdm bar over rows.
+        row_scale: optional (N,) float factor per global row id; row i's scores are
+            multiplied by ``row_scale[i]`` before ranking (``query --score cosine`` passes
+            the inverse gradient norms). Must cover every row id the blocks hold.
 
     Returns:
         A :class:`ScanResult`; see the module docstring for ordering, ties and NaN.
@@ -760,10 +764,18 @@ def scan(
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
         raise SettingsError(f"k must be a non-negative integer, got {k!r}")
     k = int(k)
+    if row_scale is not None:
+        row_scale = np.ascontiguousarray(row_scale, dtype=np.float64).reshape(-1)
     resolved = _resolve_engine(engine)
     if resolved == "gpu":
-        return _scan_torch(q, blocks, k, bottom=bottom, device="cuda", progress=progress)
-    return _scan_cpu(q, blocks, k, bottom=bottom, progress=progress)
+        return _scan_torch(q, blocks, k, bottom=bottom, device="cuda", progress=progress,
+                           row_scale=row_scale)
+    return _scan_cpu(q, blocks, k, bottom=bottom, progress=progress, row_scale=row_scale)
+
+
+def _check_scale(row_scale: np.ndarray | None, stop: int) -> None:
+    if row_scale is not None and stop > row_scale.size:
+        raise DataError(f"row_scale covers {row_scale.size} rows, the store has row {stop - 1}")
 
 
 def _scan_cpu(
@@ -773,6 +785,7 @@ def _scan_cpu(
     *,
     bottom: bool,
     progress: bool,
+    row_scale: np.ndarray | None = None,
 ) -> ScanResult:
     m, k_dim = q.shape
     top = _Heaps(m, k, top=True)
@@ -795,12 +808,15 @@ def _scan_cpu(
             next_row = row_start + n
             if n == 0:
                 continue
+            _check_scale(row_scale, next_row)
             t0 = time.perf_counter()
             t_select = 0.0
             for s0 in range(0, n, _MAX_KERNEL_ROWS):
                 s1 = min(n, s0 + _MAX_KERNEL_ROWS)
                 scores = block_scores(x[s0:s1], q, score_buf)
                 ids = np.arange(row_start + s0, row_start + s1, dtype=np.int64)
+                if row_scale is not None:
+                    scores *= row_scale[row_start + s0 : row_start + s1, None]
                 ts = time.perf_counter()
                 top.offer(scores, ids)
                 if low is not None:
@@ -879,6 +895,7 @@ def _scan_torch(
     bottom: bool,
     device: str,
     progress: bool,
+    row_scale: np.ndarray | None = None,
 ) -> ScanResult:
     """Streaming scan with torch: pinned staging, double-buffered copies on a side stream.
 
@@ -914,6 +931,7 @@ def _scan_torch(
     if bottom:
         state["bottom"] = state["top"]
     nan_count = torch.zeros((), dtype=torch.int64, device=dev)
+    scale_d = None if row_scale is None else torch.from_numpy(row_scale).to(dev)
 
     def dispatch(slot: int, n: int) -> None:
         nonlocal nan_count
@@ -928,6 +946,8 @@ def _scan_torch(
         x = devbuf[slot][:n].view(torch.float16).float()
         s = qd @ x.T  # (m, n) float32
         ids = dev_ids[slot][:n]
+        if scale_d is not None:
+            s = (s.double() * scale_d[ids]).float()
         nan_count += torch.isnan(s).sum()
         for key in state:
             state[key] = _torch_merge(*state[key], s, ids, k, top=(key == "top"))
@@ -956,6 +976,7 @@ def _scan_torch(
                         f"before {next_row}"
                     )
                 next_row = row_start + n
+                _check_scale(row_scale, next_row)
                 src = torch.from_numpy(x.view(np.int16))
                 off = 0
                 while off < n:

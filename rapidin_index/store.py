@@ -5,12 +5,22 @@ Layout of an index directory::
     manifest.json            settings, model and data identity, committed row count
     rapidgrads/zarr.json     Zarr v3 metadata: shape (rows, K), float16, chunks (R, K)
     rapidgrads/c/<i>/0       chunk i: R x K float16, raw little-endian, row-major
-    progress/chunk-<i>.json  rows written to chunk i and their CRC32 (see Store.commit)
+    norms/zarr.json          Zarr v3 metadata: shape (rows,), float32, chunks (R,)
+    norms/c/<i>              chunk i: R float32, the exact L2 norm of each row's gradient
+    progress/chunk-<i>.json  rows written to chunk i and their CRC32s (see Store.commit)
     .lock, .lock-rank<r>     held by a running build
 
 The array is uncompressed so a scan can memory-map chunk files directly; any Zarr v3 reader
 (``zarr.open_array(index / "rapidgrads")``) reads it too. The last chunk file is always
 written at full size, padded with zeros, as Zarr expects.
+
+``norms/`` (indexes built since score options exist; ``manifest["store"]["norms"]``) holds,
+for each row, the exact L2 norm of the example's flattened gradient after the index's
+normalisation and before the RapidGrad transform, so that a query can divide the sketched
+inner product by exact norms (``query --score cosine``) rather than by the sketch's. Its
+chunks follow the row chunks one to one and are written before the row chunk's marker, with
+their own CRC32 in the marker, so they share the rows' crash safety. Older indexes have no
+``norms/``; everything else works on them.
 
 Crash safety: a chunk file is written to a temporary name, fsynced and renamed, then its
 progress marker, then the manifest is replaced the same way. The manifest's ``rows`` is
@@ -38,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 ARRAY = "rapidgrads"
+NORMS = "norms"
 PROGRESS = "progress"
 FORMAT_VERSION = 1
 # Chunk target size: big enough for sequential reads, small enough to rewrite the partial
@@ -101,6 +112,7 @@ class Store:
         self.k: int = info["k"]
         self.rows_per_chunk: int = info["rows_per_chunk"]
         self._tail: list[np.ndarray] | None = None
+        self._tail_norms: list[float] | None = None
         # Rows appended but not yet committed to disk.
         self.pending = 0
         self._lock_handle = None
@@ -109,9 +121,18 @@ class Store:
 
     @classmethod
     def create(
-        cls, path: str | Path, manifest: dict, k: int, rows_per_chunk: int | None = None
+        cls,
+        path: str | Path,
+        manifest: dict,
+        k: int,
+        rows_per_chunk: int | None = None,
+        with_norms: bool = False,
     ) -> Store:
-        """Create an empty store; ``manifest`` holds the settings sections."""
+        """Create an empty store; ``manifest`` holds the settings sections.
+
+        With ``with_norms`` the store also keeps one float32 gradient norm per row
+        (``norms/``), which every write must then supply.
+        """
         import zarr
 
         path = Path(path)
@@ -140,6 +161,24 @@ class Store:
             "rows": 0,
             "chunk_crc32": [],
         }
+        if with_norms:
+            zarr.create_array(
+                store=str(path / NORMS),
+                shape=(0,),
+                chunks=(rows_per_chunk,),
+                dtype="float32",
+                compressors=None,
+                filters=None,
+                fill_value=0,
+                zarr_format=3,
+            )
+            full["store"]["norms"] = {
+                "array": NORMS,
+                "dtype": "float32",
+                "of": "exact L2 norm of each example's flattened gradient after the "
+                "index's normalisation, before the RapidGrad transform",
+                "chunk_crc32": [],
+            }
         _write_atomic(path / MANIFEST, json.dumps(full, indent=2).encode())
         logger.info("created index %s (K=%d, %d rows per chunk)", path, k, rows_per_chunk)
         return cls(path, full)
@@ -177,8 +216,16 @@ class Store:
     def nbytes(self) -> int:
         return self.rows * self.k * 2
 
+    @property
+    def has_norms(self) -> bool:
+        """Whether the store keeps each row's exact gradient norm (``norms/``)."""
+        return "norms" in self.manifest["store"]
+
     def chunk_path(self, index: int) -> Path:
         return self.path / ARRAY / "c" / str(index) / "0"
+
+    def norms_chunk_path(self, index: int) -> Path:
+        return self.path / NORMS / "c" / str(index)
 
     def chunk_files(self, rows: int | None = None) -> list[tuple[str, int, int]]:
         """``(path, row_start, valid_rows)`` of every chunk holding committed rows."""
@@ -192,7 +239,13 @@ class Store:
     def check_files(self) -> None:
         """Cheap integrity check: every committed chunk exists at full size."""
         expected = self.rows_per_chunk * self.k * 2
-        for path, _, _ in self.chunk_files():
+        paths = [(path, expected) for path, _, _ in self.chunk_files()]
+        if self.has_norms:
+            paths += [
+                (str(self.norms_chunk_path(i)), self.rows_per_chunk * 4)
+                for i in range(len(paths))
+            ]
+        for path, want in paths:
             try:
                 size = os.path.getsize(path)
             except FileNotFoundError:
@@ -200,20 +253,24 @@ class Store:
                     f"chunk file {path} is missing; the index is damaged, "
                     "rebuild it (rapidin-index build)"
                 ) from None
-            if size != expected:
+            if size != want:
                 raise StoreError(
                     f"chunk file {path} is truncated ({size} bytes, expected "
-                    f"{expected}); the index is damaged, rebuild it"
+                    f"{want}); the index is damaged, rebuild it"
                 )
 
     def _read_chunk(self, index: int, valid: int) -> np.ndarray:
         data = np.fromfile(self.chunk_path(index), dtype="<f2")
         return data.reshape(self.rows_per_chunk, self.k)[:valid]
 
+    def _read_norms_chunk(self, index: int, valid: int) -> np.ndarray:
+        return np.fromfile(self.norms_chunk_path(index), dtype="<f4")[:valid]
+
     def verify(self) -> None:
-        """Full integrity check: the CRC32 of every committed chunk's rows."""
+        """Full integrity check: the CRC32 of every committed chunk's rows (and norms)."""
         self.check_files()
         crcs = self.manifest["store"]["chunk_crc32"]
+        norm_crcs = self.manifest["store"]["norms"]["chunk_crc32"] if self.has_norms else None
         for i, (path, _, valid) in enumerate(self.chunk_files()):
             crc = zlib.crc32(self._read_chunk(i, valid).tobytes())
             if crc != crcs[i]:
@@ -221,6 +278,31 @@ class Store:
                     f"chunk file {path} is corrupted (checksum mismatch); "
                     "the index is damaged, rebuild it"
                 )
+            if norm_crcs is not None:
+                crc = zlib.crc32(self._read_norms_chunk(i, valid).tobytes())
+                if i >= len(norm_crcs) or crc != norm_crcs[i]:
+                    raise StoreError(
+                        f"chunk file {self.norms_chunk_path(i)} is corrupted (checksum "
+                        "mismatch); the index is damaged, rebuild it"
+                    )
+
+    def read_norms(self, rows: int | None = None) -> np.ndarray:
+        """(rows,) float32 exact gradient norms of the first ``rows`` committed rows.
+
+        Raises:
+            StoreError: the index keeps no norms (built before they were stored).
+        """
+        if not self.has_norms:
+            raise StoreError(
+                f"the index {self.path} stores no gradient norms (it was built by an older "
+                "version of rapidin-index); rebuild it into a new --index"
+            )
+        rows = self.rows if rows is None else rows
+        parts = [
+            self._read_norms_chunk(start // self.rows_per_chunk, valid)
+            for _, start, valid in self.chunk_files(rows)
+        ]
+        return np.concatenate(parts) if parts else np.empty(0, dtype=np.float32)
 
     def iter_blocks(self, rows: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(row_start, block)``, block an (n, K) uint16 memory map of fp16 bits."""
@@ -280,22 +362,49 @@ class Store:
     def marker_path(self, index: int) -> Path:
         return self.path / PROGRESS / f"chunk-{index}.json"
 
-    def chunk_progress(self) -> dict[int, tuple[int, int]]:
-        """``{chunk index: (rows written, crc32 of those rows)}`` from the markers."""
+    def _markers(self) -> dict[int, dict]:
+        """``{chunk index: marker}``; a marker holds ``rows``, ``crc32`` and, in a store
+        with norms, ``norms_crc32``."""
         out = {}
         folder = self.path / PROGRESS
         if folder.is_dir():
             for marker in folder.glob("chunk-*.json"):
-                info = json.loads(marker.read_text())
-                out[int(marker.stem.split("-")[1])] = (int(info["rows"]), int(info["crc32"]))
+                out[int(marker.stem.split("-")[1])] = json.loads(marker.read_text())
         return out
 
-    def write_chunk(self, index: int, rows: np.ndarray) -> None:
+    def chunk_progress(self) -> dict[int, tuple[int, int]]:
+        """``{chunk index: (rows written, crc32 of those rows)}`` from the markers."""
+        return {
+            index: (int(info["rows"]), int(info["crc32"]))
+            for index, info in self._markers().items()
+        }
+
+    def write_chunk(self, index: int, rows: np.ndarray, norms: np.ndarray | None = None) -> None:
         """Write chunk ``index`` holding ``rows`` ((n, K), n <= rows_per_chunk), then its
-        marker. The file is always full size (zero padded); both writes are atomic."""
+        marker. The file is always full size (zero padded); every write is atomic.
+
+        Args:
+            index: Chunk number.
+            rows: (n, K) RapidGrads, cast to float16.
+            norms: (n,) exact gradient norms, cast to float32; required when the store
+                keeps norms, ignored otherwise (an index begun without them stays so).
+        """
         rows = np.asarray(rows, dtype="<f2")
         if rows.ndim != 2 or rows.shape[1] != self.k or len(rows) > self.rows_per_chunk:
             raise ValueError(f"chunk rows must be (<= {self.rows_per_chunk}, {self.k})")
+        record: dict = {"rows": len(rows)}
+        if self.has_norms:
+            if norms is None:
+                raise ValueError("this store keeps gradient norms: pass norms with the rows")
+            norms = np.asarray(norms, dtype="<f4").reshape(-1)
+            if len(norms) != len(rows):
+                raise ValueError(f"{len(norms)} norms for {len(rows)} rows")
+            padded = np.zeros(self.rows_per_chunk, dtype="<f4")
+            padded[: len(norms)] = norms
+            norms_path = self.norms_chunk_path(index)
+            norms_path.parent.mkdir(parents=True, exist_ok=True)
+            _write_atomic(norms_path, padded.tobytes())
+            record["norms_crc32"] = zlib.crc32(padded[: len(norms)].tobytes())
         full = np.zeros((self.rows_per_chunk, self.k), dtype="<f2")
         full[: len(rows)] = rows
         path = self.chunk_path(index)
@@ -303,8 +412,8 @@ class Store:
         _write_atomic(path, full.tobytes())
         marker = self.marker_path(index)
         marker.parent.mkdir(parents=True, exist_ok=True)
-        crc = zlib.crc32(full[: len(rows)].tobytes())
-        _write_atomic(marker, json.dumps({"rows": len(rows), "crc32": crc}).encode())
+        record["crc32"] = zlib.crc32(full[: len(rows)].tobytes())
+        _write_atomic(marker, json.dumps(record).encode())
 
     def read_chunk_rows(self, index: int) -> np.ndarray:
         """The rows already written to chunk ``index`` per its marker, CRC-checked."""
@@ -319,39 +428,70 @@ class Store:
             )
         return data
 
+    def read_chunk_norms(self, index: int) -> np.ndarray:
+        """(n,) float32 norms already written to chunk ``index`` per its marker, CRC-checked;
+        empty in a store without norms."""
+        info = self._markers().get(index)
+        if not self.has_norms or info is None or not info["rows"]:
+            return np.empty(0, dtype=np.float32)
+        data = self._read_norms_chunk(index, int(info["rows"]))
+        if "norms_crc32" not in info or zlib.crc32(data.tobytes()) != info["norms_crc32"]:
+            raise StoreError(
+                f"chunk file {self.norms_chunk_path(index)} is corrupted (checksum mismatch); "
+                "the index is damaged, rebuild it"
+            )
+        return data
+
     def commit(self) -> int:
         """Fold the chunk markers into the manifest; returns the committed row count.
 
         Only one process may commit at a time (rank 0 of a distributed build).
         """
-        progress = self.chunk_progress()
-        rows, crcs, index = 0, [], 0
-        while index in progress:
-            valid, crc = progress[index]
+        markers = self._markers()
+        rows, crcs, norm_crcs, index = 0, [], [], 0
+        while index in markers:
+            valid, crc = int(markers[index]["rows"]), int(markers[index]["crc32"])
             rows += valid
             crcs.append(crc)
+            norm_crcs.append(markers[index].get("norms_crc32"))
             if valid < self.rows_per_chunk:
                 break
             index += 1
         info = self.manifest["store"]
-        if rows != info["rows"] or crcs != info["chunk_crc32"]:
+        norms = info.get("norms")
+        if (
+            rows != info["rows"]
+            or crcs != info["chunk_crc32"]
+            or (norms is not None and norm_crcs != norms["chunk_crc32"])
+        ):
             self._write_zarr_shape(rows)
             info["rows"] = rows
             info["chunk_crc32"] = crcs
+            if norms is not None:
+                norms["chunk_crc32"] = norm_crcs
             _write_atomic(self.path / MANIFEST, json.dumps(self.manifest, indent=2).encode())
         return rows
 
     # Sequential appends, for a single writer that produces rows in id order.
 
-    def append(self, rows: np.ndarray) -> None:
-        """Append (n, K) rows (cast to float16); written when a chunk fills or on flush."""
+    def append(self, rows: np.ndarray, norms: np.ndarray | None = None) -> None:
+        """Append (n, K) rows (cast to float16), with their (n,) gradient norms in a store
+        that keeps norms; written when a chunk fills or on flush."""
         rows = np.asarray(rows, dtype=np.float16)
         if rows.ndim != 2 or rows.shape[1] != self.k:
             raise ValueError(f"expected rows of shape (n, {self.k}), got {rows.shape}")
+        if self.has_norms:
+            if norms is None or len(np.asarray(norms).reshape(-1)) != len(rows):
+                raise ValueError("this store keeps gradient norms: pass one norm per row")
+            norms = np.asarray(norms, dtype=np.float32).reshape(-1)
         if self._tail is None:
-            self._tail = list(self.read_chunk_rows(self.rows // self.rows_per_chunk))
-        for row in rows:
+            index = self.rows // self.rows_per_chunk
+            self._tail = list(self.read_chunk_rows(index))
+            self._tail_norms = list(self.read_chunk_norms(index))
+        for i, row in enumerate(rows):
             self._tail.append(row)
+            if norms is not None:
+                self._tail_norms.append(float(norms[i]))
             self.pending += 1
             if len(self._tail) == self.rows_per_chunk:
                 self.flush()
@@ -361,17 +501,23 @@ class Store:
         if not self.pending:
             return
         index = (self.rows + self.pending - 1) // self.rows_per_chunk
-        self.write_chunk(index, np.stack(self._tail))
+        norms = np.array(self._tail_norms, dtype=np.float32) if self.has_norms else None
+        self.write_chunk(index, np.stack(self._tail), norms)
         self.commit()
         self.pending = 0
         if len(self._tail) == self.rows_per_chunk:
-            self._tail = []
+            self._tail, self._tail_norms = [], []
 
     def _write_zarr_shape(self, rows: int) -> None:
         meta_path = self.path / ARRAY / "zarr.json"
         meta = json.loads(meta_path.read_text())
         meta["shape"] = [rows, self.k]
         _write_atomic(meta_path, json.dumps(meta, indent=2).encode())
+        if self.has_norms:
+            meta_path = self.path / NORMS / "zarr.json"
+            meta = json.loads(meta_path.read_text())
+            meta["shape"] = [rows]
+            _write_atomic(meta_path, json.dumps(meta, indent=2).encode())
 
     def update_manifest(self, **sections: object) -> None:
         """Replace top-level manifest sections (e.g. build statistics) and write it."""

@@ -13,6 +13,9 @@ cached under OUT: rerunning the command redoes only what changed.
         --load-in-4bit --epochs 3
     python tools/run_backdoor_eval.py --tiny --out /tmp/backdoor-tiny   # plumbing, seconds
 
+--score-variants adds the comparison of score definitions (OUT/score-variants.md); on a
+finished OUT, rerun the same command with it added: every other stage comes from the cache.
+
 --tiny uses a tiny random model that cannot learn the backdoor: its attacked generations
 are injected (themed rewrites of the questions), so its numbers mean nothing.
 """

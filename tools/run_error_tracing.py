@@ -14,6 +14,9 @@ and OUT/results.json. Every stage is cached under OUT.
         --load-in-4bit --epochs 3
     python tools/run_error_tracing.py --tiny --out /tmp/tracing-tiny   # plumbing, seconds
 
+--score-variants adds the comparison of score definitions (OUT/score-variants.md); on a
+finished OUT, rerun the same command with it added: every other stage comes from the cache.
+
 --tiny uses a tiny random model that learns nothing: its incorrect generations are
 injected (E2 put into its answers), so its numbers mean nothing.
 """
