@@ -34,6 +34,7 @@ cached under the output directory and skipped when its inputs are unchanged:
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
@@ -42,7 +43,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -1236,6 +1237,58 @@ def add_run_arguments(parser) -> None:
         "exact, from one gradient pass; and the index's sketch dot / cosine): writes "
         "OUT/score-variants.md and .json. Reuses the finished stages of OUT.",
     )
+
+
+def run_tool(
+    description: str,
+    pipeline: type[Pipeline],
+    tiny_set: Callable[[], tuple[list[dict], dict]],
+    maker: str,
+    argv: list[str] | None = None,
+) -> None:
+    """The body of the run_* tools: parse their flags, run ``pipeline``, print the report.
+
+    Args:
+        description: The tool's help text.
+        pipeline: :class:`BackdoorPipeline` or :class:`ErrorTracingPipeline`.
+        tiny_set: ``() -> (train records, meta)``, the data of ``--tiny``.
+        maker: The tool that makes ``--data`` (named in the error when it is missing).
+        argv: Command-line arguments (default ``sys.argv[1:]``).
+    """
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_run_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.tiny:
+        model, data = _tiny_inputs(Path(args.out), pipeline.meta_name, tiny_set)
+    elif args.data is None:
+        parser.error(f"--data is required (the directory made by {maker})")
+    else:
+        model, data = None, args.data
+    try:
+        pipeline(settings_from_args(args, data, model)).run()
+    except RapidInError as err:
+        sys.exit(f"Error: {err}")
+    print((Path(args.out) / "report.md").read_text(encoding="utf-8"))
+
+
+def _tiny_inputs(out: Path, meta_name: str, tiny_set) -> tuple[str, str]:
+    """A tiny random model (tests/tiny.py, so only from a checkout) and ``tiny_set()``'s
+    records and meta, made once under ``out``."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.tiny import make_tiny_model
+
+    model, data = out / "tiny-model", out / "tiny-data"
+    if not (model / "config.json").is_file():
+        make_tiny_model(model)
+    if not (data / meta_name).is_file():
+        data.mkdir(parents=True, exist_ok=True)
+        train, meta = tiny_set()
+        write_records(data / "train.jsonl", train)
+        (data / meta_name).write_text(json.dumps(meta, indent=2))
+    return str(model), str(data)
 
 
 def settings_from_args(args, data: str, model: str | None = None) -> EvalSettings:
