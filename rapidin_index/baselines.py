@@ -439,6 +439,7 @@ class InfluenceFunctionScorer:
         """(m, D) float32 ``H_batch v`` for each row ``v`` of ``vectors`` (m, D)."""
         from rapidin_index.tokenwise import _math_attention
 
+        self.computer.activate()
         # The fused attention kernels have no double backward; the composite one does.
         with _math_attention(), torch.enable_grad():
             loss = mean_example_loss(self.model, batch)

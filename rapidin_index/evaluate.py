@@ -84,6 +84,8 @@ LABELS = {
     "embedding": "Embedding Similarity",
     "random": "Random Selection",
 }
+# Methods computed from the shared per-tensor gradient pass, with their normalisation.
+PASS_METHODS = {"exact": "layer", "tracin": "none"}
 FINETUNE_SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "finetune.py"
 EMBEDDING_DIM = 384
 
@@ -237,6 +239,9 @@ class EvalSettings:
         device: Where the model runs (None: CUDA when available).
         seed: Seed of the injected generations.
         score_variants: Also run the score-variants stage (``--score-variants``).
+        variant_indices: ``--params-preset`` values (``--variant-index``): for each, a RapidIn
+            index over only those tensors is written from the exact gradient pass (no
+            further backward passes) and its sketch rows join the score-variants table.
     """
 
     data: str
@@ -260,6 +265,7 @@ class EvalSettings:
     device: str | None = None
     seed: int = 0
     score_variants: bool = False
+    variant_indices: tuple[str, ...] = ()
 
     def validate(self) -> None:
         unknown = [m for m in self.methods if m not in EVAL_METHODS]
@@ -270,6 +276,12 @@ class EvalSettings:
         if self.n_queries < 1 or self.n_test < 1:
             raise SettingsError("--n-queries and --n-test must be at least 1")
         self.baselines.validate()
+        if self.variant_indices and not self.score_variants:
+            raise SettingsError("--variant-index needs --score-variants")
+        from rapidin_index.model import check_params_preset
+
+        for preset in self.variant_indices:
+            check_params_preset(preset)
 
 
 def _digest(value: object) -> str:
@@ -300,6 +312,127 @@ def _write_json(path: Path, value: object) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False), encoding="utf-8")
     tmp.replace(path)
+
+
+class CompanionIndex:
+    """A RapidIn index over a ``--params-preset`` written from the evaluation's exact pass.
+
+    The score-variants stage already takes every training example's raw gradient over all
+    trainable tensors; an index over a subset of them (say the LoRA B matrices) needs no
+    other backward pass: the subset's columns are normalised as that index's gradient
+    settings say, sketched, and stored with their exact norms. Its manifest is the one
+    ``rapidin-index build --params-preset PRESET`` writes (from :func:`rapidin_index.build.
+    prepare`), so ``query`` opens it like any other index.
+
+    Args:
+        pipeline: The evaluation (model, adapter, data and settings).
+        preset: A ``--params-preset``.
+        k, lam: The RapidGrad length K and shuffle rounds λ.
+    """
+
+    def __init__(self, pipeline: Pipeline, preset: str, k: int, lam: int) -> None:
+        self.pipeline, self.preset, self.k, self.lam = pipeline, preset, k, lam
+        self.path = pipeline.index_path(k, lam, preset)
+        self.rows: list[np.ndarray] = []
+        self.norms: list[np.ndarray] = []
+
+    def _settings(self):
+        from rapidin_index.build import BuildSettings
+        from rapidin_index.gradients import GradientSettings
+        from rapidin_index.sketch import SketchSettings
+
+        s = self.pipeline.settings
+        return BuildSettings(
+            data=str(self.pipeline.train_path),
+            index=str(self.path),
+            model=s.model,
+            adapter=str(self.pipeline.out / "adapter"),
+            load_in_4bit=s.load_in_4bit,
+            max_length=s.max_length,
+            sketch=SketchSettings(k=self.k, shuffle_rounds=self.lam),
+            gradient=GradientSettings(params_preset=self.preset),
+        )
+
+    def _key(self) -> str:
+        return _digest(
+            {
+                "adapter": self.pipeline.adapter_key(),
+                "data": self.pipeline.data_sha,
+                "k": self.k,
+                "lambda": self.lam,
+                "preset": self.preset,
+                "max_length": self.pipeline.settings.max_length,
+                "4bit": self.pipeline.settings.load_in_4bit,
+            }
+        )
+
+    def complete(self) -> bool:
+        """Whether the index holds every row, written for this adapter and data."""
+        from rapidin_index.store import MANIFEST, Store
+
+        stamp = _read_json(self.path / "eval_stamp.json") or {}
+        return (
+            (self.path / MANIFEST).is_file()
+            and stamp.get("key") == self._key()
+            and Store.open(self.path).rows == len(self.pipeline.records)
+        )
+
+    def begin(self, computer, total: int) -> None:
+        """Prepare for a pass whose raw gradients come from ``computer`` (every tensor)."""
+        import torch
+
+        from rapidin_index.build import prepare
+
+        _, _, _, self.computer, self.sketch, self.manifest = prepare(
+            self._settings(), self.pipeline.loaded()
+        )
+        where = {name: i for i, name in enumerate(computer.names)}
+        missing = [n for n in self.computer.names if n not in where]
+        if missing:
+            raise ValueError(f"the pass does not cover {missing[:3]}")
+        # Column indices of the subset, in the subset computer's order.
+        self.columns = torch.cat(
+            [
+                torch.arange(computer.offsets[where[n]], computer.offsets[where[n] + 1])
+                for n in self.computer.names
+            ]
+        ).to(computer.device)
+        self.total, self.rows, self.norms = total, [], []
+
+    def add(self, start: int, grads) -> None:
+        """Sketch the subset of one batch of raw gradients (B, D_all) float32."""
+        import torch
+
+        if start != sum(len(r) for r in self.rows):
+            raise ValueError("companion index rows must arrive in order")
+        with torch.no_grad():
+            sub = grads.index_select(1, self.columns)
+            self.computer.normalise_rows(sub)
+            self.norms.append(torch.linalg.vector_norm(sub, dim=1).cpu().numpy())
+            self.rows.append(self.sketch.transform(sub).cpu().numpy().astype(np.float16))
+
+    def finish(self, seconds: float) -> None:
+        """Write the index (replacing a stale one) once the pass has delivered every row."""
+        from rapidin_index.store import Store
+
+        rows, norms = np.concatenate(self.rows), np.concatenate(self.norms).astype(np.float32)
+        if len(rows) != self.total:
+            raise ValueError(f"companion index got {len(rows)} of {self.total} rows")
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        settings = self._settings()
+        store = Store.create(self.path, self.manifest, self.k, settings.rows_per_chunk,
+                             with_norms=True)
+        per_chunk = store.rows_per_chunk
+        for chunk, lo in enumerate(range(0, len(rows), per_chunk)):
+            store.write_chunk(chunk, rows[lo : lo + per_chunk], norms[lo : lo + per_chunk])
+        store.commit()
+        store.update_manifest(
+            build={"written_by": "evaluation gradient pass", "pass_seconds": seconds}
+        )
+        _write_json(self.path / "eval_stamp.json", {"key": self._key(), "rows": len(rows)})
+        logger.info("wrote companion index %s (%d rows)", self.path, len(rows))
+        self.rows, self.norms = [], []
 
 
 class Pipeline:
@@ -334,6 +467,9 @@ class Pipeline:
         self.stages: list[dict] = []
         self._loaded = None
         self._attributors: dict = {}
+        # The generations the methods attribute (run_methods sets them; the influence
+        # function's s_test rows of the shared gradient pass belong to these).
+        self.method_queries: list[QueryInput] = []
 
     # ---- bookkeeping ---------------------------------------------------------------------
 
@@ -421,8 +557,11 @@ class Pipeline:
             )
         return self._loaded
 
-    def index_path(self, k: int, lam: int) -> Path:
-        return self.out / f"index-k{k}-l{lam}"
+    def index_path(self, k: int, lam: int, preset: str | None = None) -> Path:
+        """The index of one RapidGrad setting; with ``preset``, the companion index over
+        that ``--params-preset`` (:class:`CompanionIndex`)."""
+        suffix = f"-{preset.replace(':', '')}" if preset else ""
+        return self.out / f"index-k{k}-l{lam}{suffix}"
 
     def build(self, k: int, lam: int) -> dict:
         """Build (or resume) the index of one RapidGrad setting; returns its timing record."""
@@ -473,16 +612,16 @@ class Pipeline:
         self._stage(f"index K={k} λ={lam}", False, began)
         return stamp
 
-    def attributor(self, k: int, lam: int):
+    def attributor(self, k: int, lam: int, preset: str | None = None):
         from rapidin_index.query import Attributor
 
-        if (k, lam) not in self._attributors:
-            self._attributors[k, lam] = Attributor(
-                str(self.index_path(k, lam)),
+        if (k, lam, preset) not in self._attributors:
+            self._attributors[k, lam, preset] = Attributor(
+                str(self.index_path(k, lam, preset)),
                 loaded=self.loaded(),
                 baselines=self.settings.baselines,
             )
-        return self._attributors[k, lam]
+        return self._attributors[k, lam, preset]
 
     @property
     def dim(self) -> int:
@@ -498,9 +637,12 @@ class Pipeline:
     # ---- scoring -------------------------------------------------------------------------
 
     def score(
-        self, name: str, method: str, variant: tuple[int, int], queries: Sequence[QueryInput]
+        self, name: str, method: str, variant: tuple, queries: Sequence[QueryInput]
     ) -> tuple[np.ndarray, float]:
-        """(m, N) float32 scores of one method (cached) and the seconds they took."""
+        """(m, N) float32 scores of one method (cached) and the seconds they took.
+
+        ``variant`` is ``(K, λ)``, or ``(K, λ, preset)`` for a companion index.
+        """
         began = time.perf_counter()
         folder = self.out / "scores"
         folder.mkdir(exist_ok=True)
@@ -536,17 +678,65 @@ class Pipeline:
         return adapter_hash(self.out / "adapter")
 
     def run_methods(
-        self, queries: Sequence[QueryInput], token_wise: Sequence[QueryInput] = ()
+        self,
+        queries: Sequence[QueryInput],
+        token_wise: Sequence[QueryInput] = (),
+        pass_queries: Sequence[QueryInput] | None = None,
     ) -> tuple[dict, dict]:
         """Scores of every requested method: ``{name: (m, N)}`` and ``{name: cost record}``.
 
         With ``token_wise`` queries (the generation's loss restricted to a target text),
         RapidIn is also run on them as ``RapidIn^TW``.
+
+        ``exact`` and ``tracin`` both come from one pass of per-tensor gradients
+        (:meth:`per_tensor_scores`) over ``pass_queries`` (default ``queries``; they must
+        begin with ``queries``), the pass the score-variants stage reads too: one gradient
+        per training example serves both methods and every variant. So does
+        ``influence-function``: its ``s_test`` vectors (LiSSA, :meth:`influence_vectors`)
+        are extra rows of that pass, so it needs no training-gradient pass of its own.
         """
         scores, costs = {}, {}
         first = self.variants[0]
         dim = self.dim
+        pass_queries = list(queries) if pass_queries is None else list(pass_queries)
+        if pass_queries[: len(queries)] != list(queries):
+            raise ValueError("pass_queries must begin with queries")
+        self.method_queries = list(queries)
         for method in self.settings.methods:
+            if method == "influence-function":
+                label = LABELS[method]
+                pts, seconds = self.per_tensor_scores(pass_queries)
+                extra = pts.rows(slice(len(pass_queries), len(pass_queries) + len(queries)))
+                scores[label] = extra.dots.sum(axis=2).astype(np.float32)
+                (self.out / "scores").mkdir(exist_ok=True)
+                np.save(self.out / "scores" / f"{method}.npy", scores[label])
+                lissa_seconds = self.influence_vectors()[2]
+                costs[label] = {
+                    "caching_seconds": None,
+                    # Its own LiSSA plus the share of the pass one generation would need.
+                    "retrieval_seconds": lissa_seconds / len(queries)
+                    + seconds / len(pass_queries),
+                    "bytes_per_example": 4 * dim,
+                }
+                continue
+            if method in PASS_METHODS:
+                label = LABELS[method]
+                pts, seconds = self.per_tensor_scores(pass_queries)
+                part = pts.rows(slice(0, len(queries)))
+                normalization = PASS_METHODS[method]
+                scores[label] = variant_scores(part, part.mask("all"), normalization).astype(
+                    np.float32
+                )
+                # Kept beside the other methods' scores for inspection.
+                (self.out / "scores").mkdir(exist_ok=True)
+                np.save(self.out / "scores" / f"{method}.npy", scores[label])
+                costs[label] = {
+                    "caching_seconds": None,
+                    # One pass scores every query at once: its time per generation.
+                    "retrieval_seconds": seconds / len(pass_queries),
+                    "bytes_per_example": 4 * dim,
+                }
+                continue
             if method == "rapidin":
                 for k, lam in self.variants:
                     runs = [("rapidin", f"RapidIn (K={k}, λ={lam})", queries)]
@@ -578,12 +768,15 @@ class Pipeline:
 
     # ---- score variants ------------------------------------------------------------------
 
-    def per_tensor_scores(self, queries: Sequence[QueryInput]) -> tuple[PerTensorScores, bool]:
-        """Per-tensor norms and query inner products of raw gradients (cached), and whether
-        they came from the cache.
+    def per_tensor_scores(self, queries: Sequence[QueryInput]) -> tuple[PerTensorScores, float]:
+        """Per-tensor norms and query inner products of raw gradients (cached), and the
+        seconds the pass took (when it ran, or when the cached pass ran).
 
         One exact gradient pass over the training set, over the tensors of the first index
-        (every trainable tensor: the adapter's); full gradients are never stored.
+        (every trainable tensor: the adapter's); full gradients are never stored. Its rows
+        are ``queries``, then, when ``influence-function`` is among the methods, the
+        ``s_test`` vector of each of :attr:`method_queries` (which ``queries`` must begin
+        with). The same pass writes the companion indices of ``--variant-index``.
         """
         import torch
 
@@ -594,6 +787,12 @@ class Pipeline:
         folder.mkdir(exist_ok=True)
         array_path, stamp_path = folder / "per-tensor.npz", folder / "per-tensor.json"
         att = self.attributor(*self.variants[0])
+        extra, extra_key = None, None
+        if "influence-function" in self.settings.methods:
+            if list(queries[: len(self.method_queries)]) != self.method_queries:
+                raise ValueError("the pass's queries must begin with the methods' queries")
+            extra, extra_key, _ = self.influence_vectors()
+        companions = self.companions()
         key = _digest(
             {
                 "adapter": self.adapter_key(),
@@ -602,24 +801,90 @@ class Pipeline:
                 "4bit": self.settings.load_in_4bit,
                 "tensors": att.computer.names,
                 "queries": [(q.instruction, q.generation, q.target_text) for q in queries],
+                "extra": extra_key,
             }
         )
-        if (_read_json(stamp_path) or {}).get("key") == key and array_path.is_file():
-            return PerTensorScores.load(array_path), True
+        stamp = _read_json(stamp_path) or {}
+        if (
+            stamp.get("key") == key
+            and array_path.is_file()
+            and all(c.complete() for c in companions)
+        ):
+            self._stage("per-tensor gradient pass", True, time.perf_counter())
+            return PerTensorScores.load(array_path), stamp["seconds"]
         computer = GradientComputer(
             att.computer.model, list(zip(att.computer.names, att.computer.params)), "none"
         )
         query_grads = torch.stack([computer.gradient(att.query_example(q)) for q in queries])
+        if extra is not None:
+            query_grads = torch.cat([query_grads, extra.to(query_grads.device)])
         examples = tokenize_records(att.records(), att.tokenizer, att.template, att.max_length)
+        for companion in companions:
+            companion.begin(computer, len(examples))
+
+        def feed(start: int, grads) -> None:
+            for companion in companions:
+                companion.add(start, grads)
+
         started = time.perf_counter()
-        pts = per_tensor_pass(computer, query_grads, examples, desc="score variants")
+        pts = per_tensor_pass(computer, query_grads, examples, desc="score variants",
+                              on_batch=feed if companions else None)
+        seconds = round(time.perf_counter() - started, 3)
+        for companion in companions:
+            companion.finish(seconds)
         pts.save(array_path)
-        _write_json(
-            stamp_path,
-            {"key": key, "seconds": round(time.perf_counter() - started, 3),
-             "shape": list(pts.dots.shape)},
+        _write_json(stamp_path, {"key": key, "seconds": seconds, "shape": list(pts.dots.shape)})
+        self._stage("per-tensor gradient pass", False, started)
+        return pts, seconds
+
+    def influence_vectors(self):
+        """``(s_test, key, seconds)`` of the influence function for :attr:`method_queries`
+        (cached): (m, D) float32 ``(H + λI)^-1 ∇L(t)`` by LiSSA, a digest of what they
+        depend on, and the seconds LiSSA took."""
+        import torch
+
+        from rapidin_index.baselines import make_scorer
+
+        folder = self.out / "scores"
+        folder.mkdir(exist_ok=True)
+        array_path, stamp_path = folder / "s_test.npy", folder / "s_test.json"
+        method = "influence-function"
+        key = _digest(
+            {
+                "adapter": self.adapter_key(),
+                "data": self.data_sha,
+                "queries": [
+                    (q.instruction, q.generation, q.target_text) for q in self.method_queries
+                ],
+                "options": _method_options(method, self.settings.baselines),
+            }
         )
-        return pts, False
+        stamp = _read_json(stamp_path) or {}
+        if stamp.get("key") == key and array_path.is_file():
+            self._stage("LiSSA s_test", True, time.perf_counter())
+            return torch.from_numpy(np.load(array_path)), key, stamp["seconds"]
+        began = time.perf_counter()
+        att = self.attributor(*self.variants[0])
+        scorer = make_scorer(method, att, self.settings.baselines)
+        grads = torch.stack(
+            [scorer.computer.gradient(att.query_example(q)) for q in self.method_queries]
+        )
+        s_test = scorer.inverse_hvp(grads).float().cpu()
+        seconds = round(time.perf_counter() - began, 3)
+        np.save(array_path, s_test.numpy())
+        _write_json(stamp_path, {"key": key, "seconds": seconds})
+        self._stage("LiSSA s_test", False, began)
+        return s_test, key, seconds
+
+    def companions(self) -> list[CompanionIndex]:
+        """The companion indices of ``--variant-index`` (one per preset and (K, λ))."""
+        if not self.settings.score_variants:
+            return []
+        return [
+            CompanionIndex(self, preset, k, lam)
+            for preset in self.settings.variant_indices
+            for k, lam in self.variants
+        ]
 
     def score_variants(
         self, query_sets: dict[str, tuple[Sequence[QueryInput], np.ndarray, np.ndarray]]
@@ -642,17 +907,12 @@ class Pipeline:
         began = time.perf_counter()
         names = list(query_sets)
         everything = [q for name in names for q in query_sets[name][0]]
-        pts, cached = self.per_tensor_scores(everything)
+        pts, _ = self.per_tensor_scores(everything)
         results: dict = {"query_sets": {}}
         offset = 0
         for name in names:
             queries, labels, groups = query_sets[name]
-            part = PerTensorScores(
-                pts.names,
-                pts.dots[offset : offset + len(queries)],
-                pts.example_norms,
-                pts.query_norms[offset : offset + len(queries)],
-            )
+            part = pts.rows(slice(offset, offset + len(queries)))
             offset += len(queries)
             results["query_sets"][name] = self._variant_rows(name, part, queries, labels, groups)
         results["columns"] = self.variant_columns()
@@ -663,7 +923,7 @@ class Pipeline:
         (self.out / "score-variants.md").write_text(
             self.variants_markdown(results), encoding="utf-8"
         )
-        self._stage("score variants", cached, began)
+        self._stage("score variants", False, began)
         return results
 
     def _variant_rows(self, name, pts, queries, labels, groups) -> list[dict]:
@@ -690,14 +950,19 @@ class Pipeline:
                         }
                     )
         for k, lam in self.variants:
-            rows += self._sketch_rows(name, pts, queries, labels, groups, k, lam)
+            rows += self._sketch_rows(name, pts, queries, labels, groups, (k, lam))
+        for companion in self.companions():
+            variant = (companion.k, companion.lam, companion.preset)
+            rows += self._sketch_rows(name, pts, queries, labels, groups, variant)
         return rows
 
-    def _sketch_rows(self, name, pts, queries, labels, groups, k, lam) -> list[dict]:
-        """Rows of one RapidIn index: sketched dot and sketched dot over exact norms."""
+    def _sketch_rows(self, name, pts, queries, labels, groups, variant) -> list[dict]:
+        """Rows of one RapidIn index (``(K, λ)``, or ``(K, λ, preset)`` for a companion
+        index): sketched dot and sketched dot over exact norms."""
         from rapidin_index.store import Store
 
-        store = Store.open(self.index_path(k, lam))
+        k, lam = variant[:2]
+        store = Store.open(self.index_path(*variant))
         gradient = store.manifest["gradient"]
         normalization = gradient["normalization"]
         mask = pts.names_mask([p["name"] for p in gradient["parameters"]])
@@ -705,13 +970,14 @@ class Pipeline:
             (p for p in VARIANT_PARAMS if np.array_equal(pts.mask(p), mask)), "custom"
         )
         prefix = "rapidin-tw" if name == "E2 tokens" else "rapidin"
-        dots, _ = self.score(f"{prefix}-k{k}-l{lam}", "rapidin", (k, lam), queries)
+        suffix = f"-{variant[2].replace(':', '')}" if len(variant) > 2 else ""
+        dots, _ = self.score(f"{prefix}-k{k}-l{lam}{suffix}", "rapidin", variant, queries)
         computed = variant_norms(pts.example_norms, mask, normalization)
         if store.has_norms:
             row_norms = store.read_norms().astype(np.float64)
             worst = float(np.max(np.abs(row_norms - computed) / np.maximum(computed, 1e-30)))
             logger.info("stored norms of %s agree with the pass to %.1e (relative)",
-                        self.index_path(k, lam).name, worst)
+                        self.index_path(*variant).name, worst)
             source = "stored"
         else:
             row_norms, source = computed, "from the exact pass (index stores none)"
@@ -1079,7 +1345,9 @@ class ErrorTracingPipeline(Pipeline):
             )
         queries = [QueryInput(r["prompt"], r["generation"]) for r in kept]
         targeted = [QueryInput(r["prompt"], r["generation"], pairs[r["pair"]]["e2"]) for r in kept]
-        scores, costs = self.run_methods(queries, token_wise=targeted)
+        # The score-variants stage reads the same per-tensor pass over both query sets.
+        pass_queries = queries + targeted if s.score_variants else queries
+        scores, costs = self.run_methods(queries, token_wise=targeted, pass_queries=pass_queries)
         owner = np.array([r["pair"] for r in kept])
         metrics: dict = {}
         for label, sc in scores.items():
@@ -1237,6 +1505,14 @@ def add_run_arguments(parser) -> None:
         "exact, from one gradient pass; and the index's sketch dot / cosine): writes "
         "OUT/score-variants.md and .json. Reuses the finished stages of OUT.",
     )
+    add(
+        "--variant-index",
+        action="append",
+        metavar="PRESET",
+        help="With --score-variants: also write a RapidIn index over this --params-preset "
+        "(lora-a, lora-b, last-layers:N) from the same gradient pass, with no further "
+        "backward passes, and add its sketch rows (repeatable).",
+    )
 
 
 def run_tool(
@@ -1327,6 +1603,7 @@ def settings_from_args(args, data: str, model: str | None = None) -> EvalSetting
         device=args.device,
         seed=args.seed,
         score_variants=getattr(args, "score_variants", False),
+        variant_indices=tuple(getattr(args, "variant_index", None) or ()),
     )
 
 

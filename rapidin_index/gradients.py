@@ -386,10 +386,7 @@ class GradientComputer:
         self.batching = batching
         self.verified = False
         self.check_error: float | None = None
-        chosen = {id(p) for p in self.params}
-        for p in model.parameters():
-            if id(p) not in chosen:
-                p.requires_grad_(False)
+        self.activate()
         self._owners = self._find_owners()
         self._keep_logits = _accepts_logits_to_keep(model)
         config = getattr(model, "config", None)
@@ -399,6 +396,21 @@ class GradientComputer:
         # speed of a dense matmul. Used only to choose how many rows to pack into.
         self._attention_cost = 1.0 / (3.0 * hidden)
         self._pad_id = int(getattr(config, "pad_token_id", None) or 0)
+
+    def activate(self) -> None:
+        """Make exactly this computer's parameters require gradients.
+
+        The backward pass skips the gradients of parameters that do not require them, so a
+        computer turns off every parameter it does not take. Several computers may share
+        one model (one over every trainable tensor and one over a subset, say); each turns
+        its own parameters back on before it differentiates, so the last one made does not
+        decide for the others.
+        """
+        chosen = {id(p) for p in self.params}
+        for p in self.model.parameters():
+            wanted = id(p) in chosen
+            if p.requires_grad != wanted:
+                p.requires_grad_(wanted)
 
     def _find_owners(self) -> list[_Owner]:
         slot_of = {id(p): i for i, p in enumerate(self.params)}
@@ -425,6 +437,7 @@ class GradientComputer:
 
     def parameter_gradients(self, example: TokenizedExample) -> list[torch.Tensor]:
         """Raw (unnormalised) gradients, one fp32 tensor per selected parameter."""
+        self.activate()
         loss = example_loss(self.model, example)
         grads = torch.autograd.grad(loss, self.params, allow_unused=True)
         return [
@@ -504,6 +517,7 @@ class GradientComputer:
         return worst
 
     def _batched_gradients(self, examples: Sequence[TokenizedExample], mode: str):
+        self.activate()
         layout = _make_layout(examples, mode, self.device, self._keep_logits,
                               self._attention_cost, self._pad_id)
         calls: list[tuple[_Owner, tuple, dict, torch.Tensor]] = []
@@ -532,7 +546,7 @@ class GradientComputer:
                 if dy is not None:
                     self._accumulate(out, layout, owner, args, kwargs, output, dy)
             del output_grads
-        self._normalise_rows(out)
+        self.normalise_rows(out)
         return out
 
     def _batch_loss(self, layout: _Layout) -> torch.Tensor:
@@ -610,7 +624,8 @@ class GradientComputer:
                 if g is not None:
                     self._slot(out, e, slot).add_(g.reshape(-1).float())
 
-    def _normalise_rows(self, out: torch.Tensor) -> None:
+    def normalise_rows(self, out: torch.Tensor) -> None:
+        """Apply this computer's normalisation in place to (B, D) raw flattened gradients."""
         if self.normalization == "none":
             return
         for slot in range(len(self.sizes)):

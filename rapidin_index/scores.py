@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -326,6 +326,12 @@ class PerTensorScores:
         globs = PARAM_PRESETS[params]
         return np.array([any(fnmatch.fnmatchcase(n, g) for g in globs) for n in self.names])
 
+    def rows(self, queries: slice) -> PerTensorScores:
+        """The same pass restricted to a slice of its queries (views, no copies)."""
+        return PerTensorScores(
+            self.names, self.dots[queries], self.example_norms, self.query_norms[queries]
+        )
+
     def names_mask(self, names: Sequence[str]) -> np.ndarray:
         """(T,) bool: the tensors named in ``names`` (e.g. an index manifest's)."""
         wanted = set(names)
@@ -351,6 +357,7 @@ def per_tensor_pass(
     examples: Sequence,
     desc: str = "per-tensor gradients",
     batch_size: int | None = None,
+    on_batch: Callable[[int, torch.Tensor], None] | None = None,
 ) -> PerTensorScores:
     """One pass of per-example gradients, keeping per-tensor norms and query inner products.
 
@@ -361,6 +368,10 @@ def per_tensor_pass(
         examples: The N tokenised training examples.
         desc: Progress bar label.
         batch_size: Examples per gradient pass (default: by the build's memory estimate).
+        on_batch: Called as ``on_batch(start, grads)`` with each batch's (B, D) float32 raw
+            gradients (rows ``start .. start + B``), for work that wants the same gradients
+            without another backward pass (the evaluation's companion indices). It must not
+            modify ``grads``.
 
     Returns:
         :class:`PerTensorScores`; inner products and norms are accumulated in float64.
@@ -388,6 +399,8 @@ def per_tensor_pass(
             stop = start + len(part)
             grads = computer.gradients(part)
             with torch.no_grad():
+                if on_batch is not None:
+                    on_batch(start, grads)
                 for i, (lo, hi) in enumerate(slices):
                     g = grads[:, lo:hi].double()
                     example_norms[start:stop, i] = torch.linalg.vector_norm(g, dim=1).cpu().numpy()

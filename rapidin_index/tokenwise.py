@@ -172,6 +172,7 @@ class TokenwiseScorer:
 
     def token_losses(self, example: TokenizedExample) -> torch.Tensor:
         """(G,) float32 per-token loss terms ``l_i``, with autograd graph, in position order."""
+        self.computer.activate()
         ids, rows, targets = self._inputs(example)
         return self._terms(self.model(input_ids=ids).logits, rows, targets)
 

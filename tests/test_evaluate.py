@@ -4,6 +4,7 @@ attacked generations are injected)."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import random
@@ -16,15 +17,19 @@ from rapidin_index.errors import DataError, SettingsError
 from rapidin_index.evaluate import (
     BackdoorPipeline,
     EvalSettings,
+    add_run_arguments,
     average_precision,
     average_proportion,
     backdoor_metrics,
     roc_auc,
+    settings_from_args,
     summarize_backdoor,
     usable_ks,
 )
+from rapidin_index.query import QueryInput
 from rapidin_index.synthetic import (
     THEMES,
+    add_trigger,
     make_backdoor_set,
     make_error_tracing_set,
     parse_pair,
@@ -247,3 +252,70 @@ def test_pipeline_without_its_data_names_the_tool_that_makes_it(tmp_path):
         BackdoorPipeline(EvalSettings(data=str(tmp_path), out=str(tmp_path / "o")))
     with pytest.raises(SettingsError, match="--methods"):
         EvalSettings(data=".", out=".", methods=("bogus",)).validate()
+
+
+def test_pass_methods_and_companion_index_equal_their_stand_alone_versions(tmp_path):
+    """Table rows 'TracIn + LN', 'TracIn' and 'Influence Function' come from the shared
+    per-tensor gradient pass, and so does the --variant-index companion index: each must
+    equal what the stand-alone path computes (a direct exact scan, the influence function's
+    own training pass, ``build --params-preset lora-b``)."""
+    from rapidin_index.build import BuildSettings, build_index
+    from rapidin_index.gradients import GradientSettings
+    from rapidin_index.sketch import SketchSettings
+    from rapidin_index.store import Store
+
+    tool = _tool("run_backdoor_eval")
+    out = tmp_path / "backdoor"
+    methods = "exact,tracin,influence-function"
+    extra = ["--score-variants", "--variant-index", "lora-b"]
+    tool.main(["--tiny", "--out", str(out), "--methods", methods, *extra])
+    args = _parse_tiny(out, methods, *extra)
+    settings = settings_from_args(args, str(out / "tiny-data"), str(out / "tiny-model"))
+    pipe = BackdoorPipeline(settings)
+    rows = [r for r in pipe.generations() if r["attacked"]][: settings.n_queries]
+    queries = [
+        QueryInput(add_trigger(r["question"], pipe.meta["trigger"]), r["triggered"]) for r in rows
+    ]
+    att = pipe.attributor(*pipe.variants[0])
+    for method in ("exact", "tracin", "influence-function"):
+        want = att.score_all(queries, method)
+        got = np.load(out / "scores" / f"{method}.npy")
+        np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-5 * np.abs(want).max())
+    # One gradient pass served every method and the variants: the later reads were cached.
+    stages = json.loads((out / "results.json").read_text())["stages"]
+    passes = [s["cached"] for s in stages if s["stage"] == "per-tensor gradient pass"]
+    assert passes[0] is False and len(passes) >= 3 and all(passes[1:])
+
+    k, lam = pipe.variants[0]
+    companion = Store.open(pipe.index_path(k, lam, "lora-b"))
+    built = tmp_path / "built-lora-b"
+    build_index(
+        BuildSettings(
+            data=str(pipe.train_path), index=str(built), model=settings.model,
+            adapter=str(out / "adapter"), max_length=settings.max_length,
+            sketch=SketchSettings(k=k, shuffle_rounds=lam),
+            gradient=GradientSettings(params_preset="lora-b"),
+        ),
+        loaded=pipe.loaded(),
+        progress=False,
+    )
+    reference = Store.open(built)
+    for section in ("gradient", "sketch", "scores"):
+        assert companion.manifest[section] == reference.manifest[section]
+    assert companion.manifest["gradient"]["params_preset"] == "lora-b"
+    got, want = companion.read_all().astype(np.float32), reference.read_all().astype(np.float32)
+    assert got.shape == want.shape == (len(pipe.records), k)
+    np.testing.assert_allclose(got, want, rtol=1e-2, atol=2e-3 * np.abs(want).max())
+    np.testing.assert_allclose(companion.read_norms(), reference.read_norms(), rtol=1e-4)
+    variants = json.loads((out / "score-variants.json").read_text())
+    sketch_params = {
+        r["params"] for rows in variants["query_sets"].values() for r in rows
+        if r["method"].startswith("RapidIn sketch")
+    }
+    assert sketch_params == {"all", "lora-b"}
+
+
+def _parse_tiny(out, methods, *extra):
+    parser = argparse.ArgumentParser()
+    add_run_arguments(parser)
+    return parser.parse_args(["--tiny", "--out", str(out), "--methods", methods, *extra])

@@ -62,3 +62,18 @@ def test_zero_lora_b_gives_zero_a_gradient_not_nan(model_and_example):
         # B starts at zero, so dL/dA = 0; B's gradient is non-zero and gets unit norm.
         expected = 0.0 if "lora_A" in name else 1.0
         assert float(piece.norm()) == pytest.approx(expected, abs=1e-5)
+
+
+def test_computers_sharing_a_model_each_keep_their_own_parameters(model_and_example):
+    """A computer over a subset turns the other parameters off; one made earlier over every
+    parameter must still give the gradient it gave before (batched and one at a time)."""
+    model, ex = model_and_example
+    everything = GradientComputer(model, select_parameters(model), "none")
+    before = everything.gradient(ex)
+    subset = GradientComputer(model, select_parameters(model, ["*mlp*"]), "none")
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "mlp" not in n)
+    torch.testing.assert_close(everything.gradient(ex), before)
+    torch.testing.assert_close(everything.gradients([ex, ex])[1], before, rtol=1e-4, atol=1e-6)
+    mlp = torch.cat([g.reshape(-1) for n, g in zip(everything.names, torch.split(
+        before, everything.sizes)) if "mlp" in n])
+    torch.testing.assert_close(subset.gradient(ex), mlp)

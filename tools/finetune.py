@@ -105,7 +105,7 @@ def main() -> None:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            total += float(loss) * len(batch)
+            total += loss.item() * len(batch)
             step += 1
             if step % 20 == 0:
                 logger.info("epoch %d step %d/%d loss %.3f (%.0f s)", epoch + 1, step, steps,
