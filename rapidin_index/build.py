@@ -118,8 +118,9 @@ def prepare(settings: BuildSettings, loaded: LoadedModel | None = None):
     return loaded, records, examples, computer, sketch, manifest
 
 
-def resolve_batch_size(settings: BuildSettings, computer: GradientComputer,
-                       sketch: RapidGradSketch, examples) -> int:
+def resolve_batch_size(
+    settings: BuildSettings, computer: GradientComputer, sketch: RapidGradSketch, examples
+) -> int:
     """``settings.batch_size``, or the largest batch that fits the memory budget.
 
     The automatic choice depends only on the data, the model and the budget (not on the
@@ -128,10 +129,12 @@ def resolve_batch_size(settings: BuildSettings, computer: GradientComputer,
     if settings.batch_size is not None:
         return settings.batch_size
     budget = settings.memory_budget_gb
-    return choose_batch_size(computer, examples,
-                             None if budget is None else int(budget * 2**30),
-                             sketch_bytes=partial(sketch.workspace_bytes,
-                                                  device=computer.device))
+    return choose_batch_size(
+        computer,
+        examples,
+        None if budget is None else int(budget * 2**30),
+        sketch_bytes=partial(sketch.workspace_bytes, device=computer.device),
+    )
 
 
 def open_or_create(settings: BuildSettings, manifest: dict) -> Store:
@@ -152,11 +155,11 @@ def open_or_create(settings: BuildSettings, manifest: dict) -> Store:
         if not store.has_norms:
             logger.warning(
                 "%s was begun by a version that stores no gradient norms; continuing without "
-                "them (query --score cosine will need a new --index)", path,
+                "them (query --score cosine will need a new --index)",
+                path,
             )
         return store
-    return Store.create(path, manifest, settings.sketch.k, settings.rows_per_chunk,
-                        with_norms=True)
+    return Store.create(path, manifest, settings.sketch.k, settings.rows_per_chunk, with_norms=True)
 
 
 @dataclass
@@ -185,8 +188,9 @@ def build_index(
             settings.model, settings.adapter, settings.load_in_4bit, device=ctx.device()
         )
     loaded, records, examples, computer, sketch, manifest = prepare(settings, loaded)
-    settings = replace(settings, batch_size=resolve_batch_size(settings, computer, sketch,
-                                                               examples))
+    settings = replace(
+        settings, batch_size=resolve_batch_size(settings, computer, sketch, examples)
+    )
     total = len(examples)
 
     # Rank 0 creates the index or checks its settings; the others open it afterwards.

@@ -259,9 +259,7 @@ def build(
         template=template,
         max_length=max_length,
         gradient=gradient,
-        sketch=SketchSettings(
-            k=k, shuffle_rounds=shuffle_rounds, seed=seed, projection=projection
-        ),
+        sketch=SketchSettings(k=k, shuffle_rounds=shuffle_rounds, seed=seed, projection=projection),
         rows_per_chunk=rows_per_chunk,
         limit=limit,
         batch_size=batch_size,

@@ -421,8 +421,9 @@ class CompanionIndex:
         if self.path.exists():
             shutil.rmtree(self.path)
         settings = self._settings()
-        store = Store.create(self.path, self.manifest, self.k, settings.rows_per_chunk,
-                             with_norms=True)
+        store = Store.create(
+            self.path, self.manifest, self.k, settings.rows_per_chunk, with_norms=True
+        )
         per_chunk = store.rows_per_chunk
         for chunk, lo in enumerate(range(0, len(rows), per_chunk)):
             store.write_chunk(chunk, rows[lo : lo + per_chunk], norms[lo : lo + per_chunk])
@@ -714,8 +715,7 @@ class Pipeline:
                 costs[label] = {
                     "caching_seconds": None,
                     # Its own LiSSA plus the share of the pass one generation would need.
-                    "retrieval_seconds": lissa_seconds / len(queries)
-                    + seconds / len(pass_queries),
+                    "retrieval_seconds": lissa_seconds / len(queries) + seconds / len(pass_queries),
                     "bytes_per_example": 4 * dim,
                 }
                 continue
@@ -827,8 +827,13 @@ class Pipeline:
                 companion.add(start, grads)
 
         started = time.perf_counter()
-        pts = per_tensor_pass(computer, query_grads, examples, desc="score variants",
-                              on_batch=feed if companions else None)
+        pts = per_tensor_pass(
+            computer,
+            query_grads,
+            examples,
+            desc="score variants",
+            on_batch=feed if companions else None,
+        )
         seconds = round(time.perf_counter() - started, 3)
         for companion in companions:
             companion.finish(seconds)
@@ -916,9 +921,7 @@ class Pipeline:
             offset += len(queries)
             results["query_sets"][name] = self._variant_rows(name, part, queries, labels, groups)
         results["columns"] = self.variant_columns()
-        results["tensors"] = {
-            params: int(pts.mask(params).sum()) for params in VARIANT_PARAMS
-        }
+        results["tensors"] = {params: int(pts.mask(params).sum()) for params in VARIANT_PARAMS}
         _write_json(self.out / "score-variants.json", results)
         (self.out / "score-variants.md").write_text(
             self.variants_markdown(results), encoding="utf-8"
@@ -942,8 +945,7 @@ class Pipeline:
                             "params": params,
                             "normalization": normalization,
                             "rank_by": rank_by,
-                            "paper": (params, normalization, rank_by)
-                            == ("all", "layer", "signed"),
+                            "paper": (params, normalization, rank_by) == ("all", "layer", "signed"),
                             "metrics": self.variant_metrics(
                                 np.abs(scores) if rank_by == "abs" else scores, labels, groups
                             ),
@@ -966,9 +968,7 @@ class Pipeline:
         gradient = store.manifest["gradient"]
         normalization = gradient["normalization"]
         mask = pts.names_mask([p["name"] for p in gradient["parameters"]])
-        params = next(
-            (p for p in VARIANT_PARAMS if np.array_equal(pts.mask(p), mask)), "custom"
-        )
+        params = next((p for p in VARIANT_PARAMS if np.array_equal(pts.mask(p), mask)), "custom")
         prefix = "rapidin-tw" if name == "E2 tokens" else "rapidin"
         suffix = f"-{variant[2].replace(':', '')}" if len(variant) > 2 else ""
         dots, _ = self.score(f"{prefix}-k{k}-l{lam}{suffix}", "rapidin", variant, queries)
@@ -976,13 +976,17 @@ class Pipeline:
         if store.has_norms:
             row_norms = store.read_norms().astype(np.float64)
             worst = float(np.max(np.abs(row_norms - computed) / np.maximum(computed, 1e-30)))
-            logger.info("stored norms of %s agree with the pass to %.1e (relative)",
-                        self.index_path(*variant).name, worst)
+            logger.info(
+                "stored norms of %s agree with the pass to %.1e (relative)",
+                self.index_path(*variant).name,
+                worst,
+            )
             source = "stored"
         else:
             row_norms, source = computed, "from the exact pass (index stores none)"
-        cosine = cosine_from_dot(dots, variant_norms(pts.query_norms, mask, normalization),
-                                 row_norms)
+        cosine = cosine_from_dot(
+            dots, variant_norms(pts.query_norms, mask, normalization), row_norms
+        )
         rows = []
         for score, values in (("dot", dots.astype(np.float64)), ("cosine", cosine)):
             for rank_by in RANK_BY:
@@ -990,9 +994,9 @@ class Pipeline:
                     {
                         "method": f"RapidIn sketch K={k} λ={lam}",
                         "params": params,
-                        "normalization": normalization if score == "dot" else (
-                            "cosine" if normalization == "layer" else f"{normalization}-cosine"
-                        ),
+                        "normalization": normalization
+                        if score == "dot"
+                        else ("cosine" if normalization == "layer" else f"{normalization}-cosine"),
                         "rank_by": rank_by,
                         "score": score,
                         "norms": source if score == "cosine" else None,
@@ -1030,8 +1034,7 @@ class Pipeline:
             "before norms were stored the same norms from the exact pass; the query's from "
             "its exact gradient).",
             "",
-            "Tensors per subset: "
-            + ", ".join(f"{p} {n}" for p, n in results["tensors"].items()),
+            "Tensors per subset: " + ", ".join(f"{p} {n}" for p, n in results["tensors"].items()),
         ]
         for name, rows in results["query_sets"].items():
             lines += ["", f"## {name}", ""]

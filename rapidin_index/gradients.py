@@ -88,8 +88,9 @@ class GradientSettings:
 
 
 def _no_labels_error() -> DataError:
-    return DataError("an example has no response tokens left to take a loss over; "
-                     "raise --max-length")
+    return DataError(
+        "an example has no response tokens left to take a loss over; raise --max-length"
+    )
 
 
 def example_loss(model: torch.nn.Module, example: TokenizedExample) -> torch.Tensor:
@@ -137,8 +138,9 @@ class _TokenMap:
         return tensor
 
 
-def _token_map(spans: list[tuple[int, int, int]], rows: int, length: int,
-               device: torch.device) -> _TokenMap:
+def _token_map(
+    spans: list[tuple[int, int, int]], rows: int, length: int, device: torch.device
+) -> _TokenMap:
     longest = max(t - s for _, s, t in spans)
     mask = torch.zeros(len(spans), longest, 1, dtype=torch.float32)
     for i, (_, s, t) in enumerate(spans):
@@ -235,8 +237,12 @@ def _packed_rows(lengths: Sequence[int], attention_cost: float) -> list[list[int
 
 
 def _make_layout(
-    examples: Sequence[TokenizedExample], mode: str, device: torch.device, keep_logits: bool,
-    attention_cost: float, pad_id: int,
+    examples: Sequence[TokenizedExample],
+    mode: str,
+    device: torch.device,
+    keep_logits: bool,
+    attention_cost: float,
+    pad_id: int,
 ) -> _Layout:
     lengths = [len(e.input_ids) for e in examples]
     predicting = [_labelled_positions(e) for e in examples]
@@ -416,8 +422,11 @@ class GradientComputer:
         slot_of = {id(p): i for i, p in enumerate(self.params)}
         owners = []
         for module in self.model.modules():
-            slots = [(name, slot_of[id(p)]) for name, p in module._parameters.items()
-                     if p is not None and id(p) in slot_of]
+            slots = [
+                (name, slot_of[id(p)])
+                for name, p in module._parameters.items()
+                if p is not None and id(p) in slot_of
+            ]
             if slots:
                 owners.append(_Owner(module, _module_kind(module), slots))
         return owners
@@ -426,9 +435,7 @@ class GradientComputer:
         return {
             "normalization": self.normalization,
             "dim": self.dim,
-            "parameters": [
-                {"name": n, "shape": list(s)} for n, s in zip(self.names, self.shapes)
-            ],
+            "parameters": [{"name": n, "shape": list(s)} for n, s in zip(self.names, self.shapes)],
         }
 
     @property
@@ -478,12 +485,16 @@ class GradientComputer:
                 index = self._most_exposed(examples)
                 error = self._relative_error(out[index], self.gradient(examples[index]))
                 if error > _CHECK_RTOL:
-                    self._fall_back(f"example {index} differs from its batch of one by "
-                                    f"{error:.2g} (relative)")
+                    self._fall_back(
+                        f"example {index} differs from its batch of one by {error:.2g} (relative)"
+                    )
                     continue
                 self.verified, self.check_error = True, error
-                logger.info("batched gradients (%s) match a batch of one (relative error "
-                            "%.1e)", self.batching, error)
+                logger.info(
+                    "batched gradients (%s) match a batch of one (relative error %.1e)",
+                    self.batching,
+                    error,
+                )
             return out
         if not examples:
             return torch.zeros(0, self.dim, dtype=torch.float32, device=self.device)
@@ -491,8 +502,12 @@ class GradientComputer:
 
     def _fall_back(self, reason: str) -> None:
         following = BATCHING[BATCHING.index(self.batching) + 1]
-        logger.warning("batched gradients (%s) are not usable with this model (%s); "
-                       "using %s", self.batching, reason, following)
+        logger.warning(
+            "batched gradients (%s) are not usable with this model (%s); using %s",
+            self.batching,
+            reason,
+            following,
+        )
         self.batching = following
         self.verified = False
 
@@ -500,8 +515,9 @@ class GradientComputer:
         """The example a leak between examples would change most: the one packed after
         the most other tokens, or else the shortest (most padding after it)."""
         if self.batching == "packed":
-            layout = _make_layout(examples, "packed", torch.device("cpu"), False,
-                                  self._attention_cost, self._pad_id)
+            layout = _make_layout(
+                examples, "packed", torch.device("cpu"), False, self._attention_cost, self._pad_id
+            )
             starts = [start for _, start, _ in layout.spans]
             if max(starts) > 0:
                 return max(range(len(starts)), key=starts.__getitem__)
@@ -518,8 +534,9 @@ class GradientComputer:
 
     def _batched_gradients(self, examples: Sequence[TokenizedExample], mode: str):
         self.activate()
-        layout = _make_layout(examples, mode, self.device, self._keep_logits,
-                              self._attention_cost, self._pad_id)
+        layout = _make_layout(
+            examples, mode, self.device, self._keep_logits, self._attention_cost, self._pad_id
+        )
         calls: list[tuple[_Owner, tuple, dict, torch.Tensor]] = []
 
         def record(owner, module, args, kwargs, output):
@@ -560,11 +577,15 @@ class GradientComputer:
             kwargs["logits_to_keep"] = layout.keep
         logits = self.model(**kwargs).logits
         if logits.shape[:2] != layout.targets.shape:
-            raise _Unsplittable(f"logits of shape {tuple(logits.shape)} for targets of shape "
-                                f"{tuple(layout.targets.shape)}")
+            raise _Unsplittable(
+                f"logits of shape {tuple(logits.shape)} for targets of shape "
+                f"{tuple(layout.targets.shape)}"
+            )
         token_loss = torch.nn.functional.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]), layout.targets.reshape(-1),
-            ignore_index=IGNORE_INDEX, reduction="none",
+            logits.float().reshape(-1, logits.shape[-1]),
+            layout.targets.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="none",
         )
         return (token_loss * layout.weights.reshape(-1)).sum()
 
@@ -678,8 +699,11 @@ class GradientComputer:
             rows, length = len(members), max(sum(lengths[i] for i in m) for m in members)
         else:
             rows, length = batch, max(lengths)
-        kept = sum(len(_labelled_positions(e)) for e in examples) if self._keep_logits \
+        kept = (
+            sum(len(_labelled_positions(e)) for e in examples)
+            if self._keep_logits
             else rows * length
+        )
         sketch = sketch_bytes(batch) if sketch_bytes else 3 * batch * self.dim * 4
         # The first backward pass also allocates workspaces that stay (autograd, BLAS):
         # measured at about the size of the weights on SmolLM2, whatever the batch size.
@@ -738,12 +762,19 @@ def choose_batch_size(
         need = computer.batch_bytes(longest[:batch], sketch_bytes)
         if need > budget:
             if batch == 1:
-                logger.warning("one example needs about %.2f GiB, more than the memory budget "
-                               "of %.2f GiB; using batch size 1", need / 2**30, budget / 2**30)
+                logger.warning(
+                    "one example needs about %.2f GiB, more than the memory budget "
+                    "of %.2f GiB; using batch size 1",
+                    need / 2**30,
+                    budget / 2**30,
+                )
             break
         chosen = batch
-    logger.info("batch size %d (estimated peak %.2f GiB of a %.2f GiB budget, longest "
-                "example %d tokens)", chosen,
-                computer.batch_bytes(longest[:chosen], sketch_bytes) / 2**30, budget / 2**30,
-                len(longest[0].input_ids) if longest else 0)
+    logger.info(
+        "batch size %d (estimated peak %.2f GiB of a %.2f GiB budget, longest example %d tokens)",
+        chosen,
+        computer.batch_bytes(longest[:chosen], sketch_bytes) / 2**30,
+        budget / 2**30,
+        len(longest[0].input_ids) if longest else 0,
+    )
     return chosen

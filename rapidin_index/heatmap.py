@@ -53,17 +53,26 @@ def segments(text: str, pieces: Sequence[dict]) -> list[Segment]:
     """Non-overlapping segments covering all of ``text``, from token pieces of it."""
     out: list[Segment] = []
     cursor = 0
-    for p in sorted((p for p in pieces if p["end"] > p["start"]),
-                    key=lambda p: (p["start"], p["end"])):
+    for p in sorted(
+        (p for p in pieces if p["end"] > p["start"]), key=lambda p: (p["start"], p["end"])
+    ):
         start, end = max(p["start"], 0), min(p["end"], len(text))
         if end <= start:
             continue
         last = out[-1] if out else None
         if last is not None and last.tokens and start < last.end:
-            score = (None if last.score is None and p.get("score") is None
-                     else (last.score or 0.0) + (p.get("score") or 0.0))
-            out[-1] = Segment(last.start, max(last.end, end), score, last.tokens + 1,
-                              last.target or bool(p.get("target")))
+            score = (
+                None
+                if last.score is None and p.get("score") is None
+                else (last.score or 0.0) + (p.get("score") or 0.0)
+            )
+            out[-1] = Segment(
+                last.start,
+                max(last.end, end),
+                score,
+                last.tokens + 1,
+                last.target or bool(p.get("target")),
+            )
         else:
             if start > cursor:
                 out.append(Segment(cursor, start, None, 0))
@@ -151,14 +160,16 @@ def _shade_style(score: float, scale: float) -> str:
 
 
 def _token_html(text: str, seg: Segment, scale: float) -> str:
-    piece = text[seg.start:seg.end]
+    piece = text[seg.start : seg.end]
     if seg.tokens == 0 or seg.score is None:
         inner = _esc(piece)
         return f'<mark class="target">{inner}</mark>' if seg.target else inner
     what = repr(piece) if seg.tokens == 1 else f"{piece!r} ({seg.tokens} tokens)"
     classes = "tok target" if seg.target else "tok"
-    return (f'<span class="{classes}" style="{_shade_style(seg.score, scale)}" '
-            f'title="{_esc(what + " · I = " + _fmt(seg.score))}">{_esc(piece)}</span>')
+    return (
+        f'<span class="{classes}" style="{_shade_style(seg.score, scale)}" '
+        f'title="{_esc(what + " · I = " + _fmt(seg.score))}">{_esc(piece)}</span>'
+    )
 
 
 def shaded_html(text: str, pieces: Sequence[dict], scale: float | None = None) -> str:
@@ -172,9 +183,11 @@ def _eos_html(pieces: Sequence[dict], scale: float) -> str:
     out = []
     for p in pieces:
         if p.get("field") == "eos" and p.get("score") is not None:
-            out.append(f'<span class="eos" style="{_shade_style(p["score"], scale)}" '
-                       f'title="{_esc("end of sequence · I = " + _fmt(p["score"]))}">'
-                       f"{_esc(p['text'])}</span>")
+            out.append(
+                f'<span class="eos" style="{_shade_style(p["score"], scale)}" '
+                f'title="{_esc("end of sequence · I = " + _fmt(p["score"]))}">'
+                f"{_esc(p['text'])}</span>"
+            )
     return "".join(out)
 
 
@@ -199,17 +212,20 @@ def _pairwise_html(pair: dict) -> str:
         cells = "".join(
             f'<td style="{_shade_style(x, scale)}" '
             f'title="{_esc(_pair_title(r["text"], c["text"], x))}"></td>'
-            for c, x in zip(shown_cols, row, strict=False))
+            for c, x in zip(shown_cols, row, strict=False)
+        )
         mark = ' class="target"' if r.get("target") else ""
-        body.append(f'<tr><th{mark}>{_esc(r["text"])}</th>{cells}</tr>')
+        body.append(f"<tr><th{mark}>{_esc(r['text'])}</th>{cells}</tr>")
     cut = ""
     if len(rows) > PAIRWISE_MAX or len(cols) > PAIRWISE_MAX:
         cut = f'<p class="note">showing the first {PAIRWISE_MAX} tokens of each side</p>'
-    return (f'<h3>Token × token influence, example {_esc(pair["id"])} (Eq. 8) '
-            f'<span class="meta">rows: generation tokens, columns: training response tokens; '
-            f"max |I| = {scale:.4g}</span></h3>{cut}"
-            f'<div class="pairwise"><table><thead><tr><th></th>{head}</tr></thead>'
-            f'<tbody>{"".join(body)}</tbody></table></div>')
+    return (
+        f"<h3>Token × token influence, example {_esc(pair['id'])} (Eq. 8) "
+        f'<span class="meta">rows: generation tokens, columns: training response tokens; '
+        f"max |I| = {scale:.4g}</span></h3>{cut}"
+        f'<div class="pairwise"><table><thead><tr><th></th>{head}</tr></thead>'
+        f"<tbody>{''.join(body)}</tbody></table></div>"
+    )
 
 
 def _example_html(query: dict, row: dict) -> str:
@@ -221,10 +237,15 @@ def _example_html(query: dict, row: dict) -> str:
         meta += f", exact score {row['exact_score']:.4g}"
     if scored:
         meta += f", max |I(t, s<sup>i</sup>)| = {scale:.4g}"
-    parts = [f'<div class="example"><h3>#{_esc(row["rank"])} · training example '
-             f'{_esc(row["id"])} <span class="meta">{meta}</span></h3>']
-    for field, label in (("instruction", "Instruction"), ("input", "Input"),
-                         ("output", "Response")):
+    parts = [
+        f'<div class="example"><h3>#{_esc(row["rank"])} · training example '
+        f'{_esc(row["id"])} <span class="meta">{meta}</span></h3>'
+    ]
+    for field, label in (
+        ("instruction", "Instruction"),
+        ("input", "Input"),
+        ("output", "Response"),
+    ):
         text = row.get(field) or ""
         if not text and field != "output":
             continue
@@ -239,9 +260,11 @@ def _example_html(query: dict, row: dict) -> str:
         pieces = [dict(p, score=s) for p, s in zip(gen_tokens, gen_scores, strict=True)]
         gscale = scale_of(gen_scores)
         body = shaded_html(query.get("generation", ""), pieces, gscale) + _eos_html(pieces, gscale)
-        parts.append(f"<details><summary>Which generation tokens this example supports "
-                     f"(I(t<sup>j</sup>, s), Eq. 7; max |I| = {gscale:.4g})</summary>"
-                     f'<div class="text">{body}</div></details>')
+        parts.append(
+            f"<details><summary>Which generation tokens this example supports "
+            f"(I(t<sup>j</sup>, s), Eq. 7; max |I| = {gscale:.4g})</summary>"
+            f'<div class="text">{body}</div></details>'
+        )
     parts.append("</div>")
     return "".join(parts)
 
@@ -256,16 +279,21 @@ def render_html(queries: Sequence[dict], title: str = "RapidIn token-wise influe
     body = []
     for n, query in enumerate(queries, start=1):
         body.append(f"<h2>Query {n}</h2>")
-        body.append(f'<div class="label">Prompt</div><div class="text">'
-                    f'{_esc(query.get("prompt", ""))}</div>')
+        body.append(
+            f'<div class="label">Prompt</div><div class="text">'
+            f"{_esc(query.get('prompt', ''))}</div>"
+        )
         target = query.get("target")
         label = "Generation"
         if target:
-            label += (f' <span class="meta">(target <mark class="target">'
-                      f'{_esc(target["text"])}</mark>, {len(target["spans"])} occurrence(s); '
-                      f"retrieval and scores use only its tokens)</span>")
-        body.append(f'<div class="label">{label}</div>'
-                    f'<div class="text">{_generation_html(query)}</div>')
+            label += (
+                f' <span class="meta">(target <mark class="target">'
+                f"{_esc(target['text'])}</mark>, {len(target['spans'])} occurrence(s); "
+                f"retrieval and scores use only its tokens)</span>"
+            )
+        body.append(
+            f'<div class="label">{label}</div><div class="text">{_generation_html(query)}</div>'
+        )
         rows = query.get("results") or []
         with_tokens = [r for r in rows if r.get("tokens")]
         for row in with_tokens or rows:
@@ -275,15 +303,15 @@ def render_html(queries: Sequence[dict], title: str = "RapidIn token-wise influe
     legend = (
         '<div class="legend"><span>negative</span><span class="bar"></span><span>positive'
         "</span><span>· intensity ∝ √(|score| / max |score| of the example); hover a token for "
-        "its score</span></div><p class=\"note\">Token score I(t, s<sup>i</sup>) (paper Eq. 6): "
+        'its score</span></div><p class="note">Token score I(t, s<sup>i</sup>) (paper Eq. 6): '
         "the influence of the training token's own loss term on the generation, from "
         "uncompressed layer-normalised gradients; their mean over an example's response "
         "tokens is the example's exact score. Instruction and input tokens have no loss term "
         "and are not shaded.</p>"
     )
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        "<meta http-equiv=\"Content-Security-Policy\" "
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta http-equiv="Content-Security-Policy" '
         "content=\"default-src 'none'; style-src 'unsafe-inline'\">"
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{_esc(title)}</title><style>{_CSS}</style></head><body>"
@@ -311,10 +339,9 @@ def shaded_text(text: str, pieces: Sequence[dict], scale: float | None = None) -
         scale = scale_of([p.get("score") for p in pieces])
     out = Text()
     for seg in segments(text, pieces):
-        piece = text[seg.start:seg.end]
+        piece = text[seg.start : seg.end]
         if seg.tokens and seg.score is not None:
-            style = Style(color="black", bgcolor=_blend(seg.score, scale),
-                          underline=seg.target)
+            style = Style(color="black", bgcolor=_blend(seg.score, scale), underline=seg.target)
         elif seg.target:
             style = Style(color="black", bgcolor="#ffe066", bold=True)
         else:
@@ -328,8 +355,11 @@ def tokenwise_renderables(query: dict) -> list:
     """Rich renderables: the generation (target marked), then each scored example."""
     spans = (query.get("target") or {}).get("spans") or []
     gen = Text("generation: ", style="bold")
-    gen.append_text(shaded_text(query.get("generation", ""),
-                                [{"start": s, "end": e, "target": True} for s, e in spans]))
+    gen.append_text(
+        shaded_text(
+            query.get("generation", ""), [{"start": s, "end": e, "target": True} for s, e in spans]
+        )
+    )
     out: list = [gen]
     for row in query.get("results") or []:
         tokens = row.get("tokens")
@@ -342,12 +372,14 @@ def tokenwise_renderables(query: dict) -> list:
         if "exact_score" in row:
             head.append(f", exact {row['exact_score']:.4g}", style="dim")
         head.append(f", max |I| {scale:.3g}", style="dim")
-        body = shaded_text(row.get("output", ""),
-                           [p for p in tokens if p.get("field") == "output"], scale)
+        body = shaded_text(
+            row.get("output", ""), [p for p in tokens if p.get("field") == "output"], scale
+        )
         for p in tokens:
             if p.get("field") == "eos" and p.get("score") is not None:
-                body.append(f" {p['text']}", style=Style(
-                    color="black", bgcolor=_blend(p["score"], scale)))
+                body.append(
+                    f" {p['text']}", style=Style(color="black", bgcolor=_blend(p["score"], scale))
+                )
         out.extend([head, body])
     pair = query.get("pairwise")
     if pair:
@@ -355,8 +387,10 @@ def tokenwise_renderables(query: dict) -> list:
         cells.sort(key=lambda c: -c[0])
         lines = Text(f"strongest token pairs, example {pair['id']} (Eq. 8):\n", style="bold")
         for x, i, j in cells[:10]:
-            lines.append(f"  {pair['generation_tokens'][i]['text']!r} <- "
-                         f"{pair['train_tokens'][j]['text']!r}: {x:+.4g}\n")
+            lines.append(
+                f"  {pair['generation_tokens'][i]['text']!r} <- "
+                f"{pair['train_tokens'][j]['text']!r}: {x:+.4g}\n"
+            )
         out.append(lines)
     return out
 
@@ -365,9 +399,9 @@ def print_tokenwise(queries: Sequence[dict], console: Console | None = None) -> 
     """Prints the token-wise heat map of each query (red positive, blue negative)."""
     console = console or Console()
     for n, query in enumerate(queries, start=1):
-        if not (query.get("pairwise")
-                or any(r.get("tokens") for r in query.get("results") or [])):
+        if not (query.get("pairwise") or any(r.get("tokens") for r in query.get("results") or [])):
             continue
-        console.print(Text(f"Token-wise influence, query {n} (Eq. 6; red +, blue -)",
-                           style="bold underline"))
+        console.print(
+            Text(f"Token-wise influence, query {n} (Eq. 6; red +, blue -)", style="bold underline")
+        )
         console.print(Group(*tokenwise_renderables(query)), highlight=False)

@@ -254,7 +254,7 @@ def check_params_preset(preset: str | None) -> None:
     if preset is None or preset in PARAM_PRESETS:
         return
     if preset.startswith(LAST_LAYERS):
-        count = preset[len(LAST_LAYERS):]
+        count = preset[len(LAST_LAYERS) :]
         if count.isdigit() and int(count) >= 1:
             return
     raise SettingsError(
@@ -279,7 +279,7 @@ def expand_params_preset(model: torch.nn.Module, preset: str | None) -> list[str
         return []
     if preset in PARAM_PRESETS:
         return list(PARAM_PRESETS[preset])
-    count = int(preset[len(LAST_LAYERS):])
+    count = int(preset[len(LAST_LAYERS) :])
     stacks: dict[str, set[int]] = {}
     for name, _ in model.named_parameters():
         match = _LAYER_NAME.match(name)
@@ -291,11 +291,9 @@ def expand_params_preset(model: torch.nn.Module, preset: str | None) -> list[str
             f"--params-preset {preset}: cannot tell the decoder layers of this model apart "
             f"(layer stacks found: {found}); select them with --params GLOB instead"
         )
-    (prefix, indices), = stacks.items()
+    ((prefix, indices),) = stacks.items()
     if count > len(indices):
-        raise SettingsError(
-            f"--params-preset {preset}: the model has only {len(indices)} layers"
-        )
+        raise SettingsError(f"--params-preset {preset}: the model has only {len(indices)} layers")
     return [f"{prefix}.{i}.*" for i in sorted(indices)[-count:]]
 
 
@@ -317,8 +315,7 @@ def select_parameters(
         raise ModelError("the model has no trainable parameters to take gradients of")
     if preset_globs:
         chosen = [
-            (n, p) for n, p in trainable
-            if any(fnmatch.fnmatchcase(n, pat) for pat in preset_globs)
+            (n, p) for n, p in trainable if any(fnmatch.fnmatchcase(n, pat) for pat in preset_globs)
         ]
         if not chosen:
             examples = ", ".join(n for n, _ in trainable[:3])

@@ -90,20 +90,25 @@ def read_query_inputs(
         prompt = Path(prompt_file).read_text(encoding="utf-8").strip("\n")
     if generation is None:
         if prompt is None:
-            raise DataError("nothing to attribute: pass --generation FILE, or --prompt to let "
-                            "the model generate")
+            raise DataError(
+                "nothing to attribute: pass --generation FILE, or --prompt to let "
+                "the model generate"
+            )
         return [QueryInput(prompt, None)]
     path = Path(generation)
     if not path.is_file():
         raise DataError(f"--generation file not found: {generation}")
     if path.suffix in (".json", ".jsonl"):
         if prompt is not None:
-            raise DataError("--prompt/--prompt-file cannot be combined with a JSON "
-                            "--generation file; put the instruction in each record")
+            raise DataError(
+                "--prompt/--prompt-file cannot be combined with a JSON "
+                "--generation file; put the instruction in each record"
+            )
         return [QueryInput(r.merged_instruction, r.output) for r in load_records(path)]
     if prompt is None:
-        raise DataError("--generation is a text file: give its prompt with --prompt or "
-                        "--prompt-file")
+        raise DataError(
+            "--generation is a text file: give its prompt with --prompt or --prompt-file"
+        )
     text = path.read_text(encoding="utf-8").strip("\n")
     if not text:
         raise DataError(f"--generation file {generation} is empty")
@@ -210,17 +215,22 @@ class Attributor:
             )
         self.timings = Timings(model_seconds=time.perf_counter() - began)
         compare_settings(
-            comparable_model(recorded), comparable_model(loaded.identity),
+            comparable_model(recorded),
+            comparable_model(loaded.identity),
             hint="pass the --model/--adapter the index was built with, or rebuild the index",
         )
         self.loaded = loaded
         params = parameters_by_name(loaded.model, manifest["gradient"]["parameters"])
-        self.computer = GradientComputer(loaded.model, params,
-                                         manifest["gradient"]["normalization"])
+        self.computer = GradientComputer(
+            loaded.model, params, manifest["gradient"]["normalization"]
+        )
         info = manifest["sketch"]
         settings = SketchSettings(
-            k=info["k"], shuffle_rounds=info["shuffle_rounds"], seed=info["seed"],
-            max_perm_len=info["max_perm_len"], projection=info["projection"],
+            k=info["k"],
+            shuffle_rounds=info["shuffle_rounds"],
+            seed=info["seed"],
+            max_perm_len=info["max_perm_len"],
+            projection=info["projection"],
         )
         self.sketch = RapidGradSketch(self.computer.dim, settings, divisors=info["divisors"])
         self._records: list[Record] | None = None
@@ -243,8 +253,10 @@ class Attributor:
             data = self.manifest["data"]
             path = Path(data["path"])
             if not path.is_file():
-                raise DataError(f"the index's training data {path} is gone; restore it to "
-                                "show the retrieved examples")
+                raise DataError(
+                    f"the index's training data {path} is gone; restore it to "
+                    "show the retrieved examples"
+                )
             if file_sha256(path) != data["sha256"]:
                 logger.warning("%s changed since the index was built; ids may not match", path)
             self._records = load_records(path)
@@ -253,21 +265,29 @@ class Attributor:
     def generate(self, instruction: str, max_new_tokens: int = 128) -> str:
         """Greedy decoding of the model's own response to an instruction."""
         prompt = format_prompt(instruction, self.tokenizer, self.template)
-        ids = self.tokenizer(prompt, add_special_tokens=self.template != "chat",
-                             return_tensors="pt")["input_ids"]
+        ids = self.tokenizer(
+            prompt, add_special_tokens=self.template != "chat", return_tensors="pt"
+        )["input_ids"]
         model = self.loaded.model
         with torch.no_grad():
             out = model.generate(
                 input_ids=ids.to(next(model.parameters()).device),
-                attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                do_sample=False, pad_token_id=self.tokenizer.eos_token_id,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=self.tokenizer.eos_token_id,
             )
-        return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        return self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
     def tokenize(self, query: QueryInput):
         prompt = format_prompt(query.instruction, self.tokenizer, self.template)
-        return tokenize_example(self.tokenizer, prompt, query.generation or "", self.max_length,
-                                add_special_tokens=self.template != "chat")
+        return tokenize_example(
+            self.tokenizer,
+            prompt,
+            query.generation or "",
+            self.max_length,
+            add_special_tokens=self.template != "chat",
+        )
 
     def query_example(self, query: QueryInput):
         """The tokenised generation whose loss is attributed (only --target-text's tokens)."""
@@ -276,8 +296,9 @@ class Attributor:
             return example
         from rapidin_index.tokenwise import restrict_to_target
 
-        return restrict_to_target(self.tokenizer, example, query.generation or "",
-                                  query.target_text)
+        return restrict_to_target(
+            self.tokenizer, example, query.generation or "", query.target_text
+        )
 
     def query_gradients(self, queries: Sequence[QueryInput]) -> torch.Tensor:
         """(m, D) float32 normalised gradients of the generations."""
@@ -355,14 +376,14 @@ class Attributor:
         Recomputes every training gradient, so it costs a full caching pass per call.
         """
         grads = self.query_gradients(queries)
-        examples = tokenize_records(self.records(), self.tokenizer, self.template,
-                                    self.max_length)
+        examples = tokenize_records(self.records(), self.tokenizer, self.template, self.max_length)
         began = time.perf_counter()
         # Batched exact per-example gradients (the same as one at a time, see
         # GradientComputer.gradients), sized by the same memory estimate as a build.
         if cosine:
-            scores, norms = gradient_dot_scores(self.computer, grads, examples, desc="exact",
-                                                with_norms=True)
+            scores, norms = gradient_dot_scores(
+                self.computer, grads, examples, desc="exact", with_norms=True
+            )
             query_norms = torch.linalg.vector_norm(grads, dim=1).double().cpu().numpy()
             scores = cosine_from_dot(scores, query_norms, norms).astype(np.float32)
         else:
@@ -397,7 +418,8 @@ class Attributor:
         if self.store.rows == 0:
             raise DataError("the index holds no rows yet; run rapidin-index build first")
         queries = [
-            q if q.generation is not None
+            q
+            if q.generation is not None
             else replace(q, generation=self.generate(q.instruction, max_new_tokens))
             for q in queries
         ]
@@ -421,14 +443,16 @@ class Attributor:
             bots = [topk_rows(s, topk, largest=False) for s in scores] if bottom else None
         out = []
         for i, query in enumerate(queries):
-            out.append(QueryResult(
-                prompt=query.instruction,
-                generation=query.generation or "",
-                results=self._rows(*tops[i], with_effect=absolute),
-                bottom=self._rows(*bots[i], with_effect=absolute) if bots is not None else None,
-                score=options.score,
-                rank_by=options.rank_by,
-            ))
+            out.append(
+                QueryResult(
+                    prompt=query.instruction,
+                    generation=query.generation or "",
+                    results=self._rows(*tops[i], with_effect=absolute),
+                    bottom=self._rows(*bots[i], with_effect=absolute) if bots is not None else None,
+                    score=options.score,
+                    rank_by=options.rank_by,
+                )
+            )
         return out
 
     def _scan(self, q: np.ndarray, topk: int, bottom: bool, engine: str, cosine: bool = False):
@@ -449,18 +473,25 @@ class Attributor:
         self.store.reload()
         rows = self.store.rows
         scale = inverse_norms(self.store.read_norms(rows)) if cosine else None
-        files = [f for i, f in enumerate(self.store.chunk_files(rows))
-                 if ctx.owns_chunk(i)]
-        found = scan(q, iter_raw_chunks(files, self.store.k), topk, bottom=bottom,
-                     engine=engine, row_scale=scale)
+        files = [f for i, f in enumerate(self.store.chunk_files(rows)) if ctx.owns_chunk(i)]
+        found = scan(
+            q,
+            iter_raw_chunks(files, self.store.k),
+            topk,
+            bottom=bottom,
+            engine=engine,
+            row_scale=scale,
+        )
         tops = list(zip(found.top_ids, found.top_scores))
         bots = list(zip(found.bottom_ids, found.bottom_scores)) if bottom else None
         if ctx.enabled:
             parts = ctx.gather((tops, bots))
             tops = [merge_ranked([p[0][i] for p in parts], topk) for i in range(len(q))]
             if bottom:
-                bots = [merge_ranked([p[1][i] for p in parts], topk, largest=False)
-                        for i in range(len(q))]
+                bots = [
+                    merge_ranked([p[1][i] for p in parts], topk, largest=False)
+                    for i in range(len(q))
+                ]
         return tops, bots
 
     def _rows(self, ids: np.ndarray, scores: np.ndarray, with_effect: bool = False) -> list[dict]:

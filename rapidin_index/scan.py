@@ -768,8 +768,9 @@ def scan(
         row_scale = np.ascontiguousarray(row_scale, dtype=np.float64).reshape(-1)
     resolved = _resolve_engine(engine)
     if resolved == "gpu":
-        return _scan_torch(q, blocks, k, bottom=bottom, device="cuda", progress=progress,
-                           row_scale=row_scale)
+        return _scan_torch(
+            q, blocks, k, bottom=bottom, device="cuda", progress=progress, row_scale=row_scale
+        )
     return _scan_cpu(q, blocks, k, bottom=bottom, progress=progress, row_scale=row_scale)
 
 

@@ -321,8 +321,9 @@ class PerTensorScores:
         from rapidin_index.model import PARAM_PRESETS
 
         if params not in PARAM_PRESETS:
-            raise SettingsError(f"unknown parameter subset {params!r}; choose from "
-                                f"{VARIANT_PARAMS}")
+            raise SettingsError(
+                f"unknown parameter subset {params!r}; choose from {VARIANT_PARAMS}"
+            )
         globs = PARAM_PRESETS[params]
         return np.array([any(fnmatch.fnmatchcase(n, g) for g in globs) for n in self.names])
 
@@ -341,14 +342,23 @@ class PerTensorScores:
         return np.array([n in wanted for n in self.names])
 
     def save(self, path) -> None:
-        np.savez(path, names=np.array(self.names), dots=self.dots,
-                 example_norms=self.example_norms, query_norms=self.query_norms)
+        np.savez(
+            path,
+            names=np.array(self.names),
+            dots=self.dots,
+            example_norms=self.example_norms,
+            query_norms=self.query_norms,
+        )
 
     @classmethod
     def load(cls, path) -> PerTensorScores:
         with np.load(path) as data:
-            return cls([str(n) for n in data["names"]], data["dots"], data["example_norms"],
-                       data["query_norms"])
+            return cls(
+                [str(n) for n in data["names"]],
+                data["dots"],
+                data["example_norms"],
+                data["query_norms"],
+            )
 
 
 def per_tensor_pass(
@@ -386,10 +396,12 @@ def per_tensor_pass(
     m, n, t = query_grads.shape[0], len(examples), len(computer.sizes)
     slices = list(zip(computer.offsets[:-1], computer.offsets[1:]))
     query_grads = query_grads.to(computer.device)
-    query_norms = np.array([
-        [float(torch.linalg.vector_norm(query_grads[j, lo:hi].double())) for lo, hi in slices]
-        for j in range(m)
-    ]).reshape(m, t)
+    query_norms = np.array(
+        [
+            [float(torch.linalg.vector_norm(query_grads[j, lo:hi].double())) for lo, hi in slices]
+            for j in range(m)
+        ]
+    ).reshape(m, t)
     dots = np.zeros((m, n, t), dtype=np.float64)
     example_norms = np.zeros((n, t), dtype=np.float64)
     batch = batch_size or choose_batch_size(computer, examples)
@@ -439,19 +451,26 @@ def variant_scores(pts: PerTensorScores, mask: np.ndarray, normalization: str) -
     score over the raw gradients' norms. A zero norm gives a zero score.
     """
     if normalization not in VARIANT_NORMALIZATIONS:
-        raise SettingsError(f"unknown score variant {normalization!r}; choose from "
-                            f"{VARIANT_NORMALIZATIONS}")
+        raise SettingsError(
+            f"unknown score variant {normalization!r}; choose from {VARIANT_NORMALIZATIONS}"
+        )
     dots = pts.dots[:, :, mask]
     if normalization in ("none", "none-cosine"):
         scores = dots.sum(axis=-1)
         if normalization == "none":
             return scores
-        return cosine_from_dot(scores, variant_norms(pts.query_norms, mask, "none"),
-                               variant_norms(pts.example_norms, mask, "none"))
+        return cosine_from_dot(
+            scores,
+            variant_norms(pts.query_norms, mask, "none"),
+            variant_norms(pts.example_norms, mask, "none"),
+        )
     inv_g = inverse_norms(pts.example_norms[:, mask])  # (N, S)
     inv_q = inverse_norms(pts.query_norms[:, mask])  # (m, S)
     scores = np.einsum("mns,ns,ms->mn", dots, inv_g, inv_q)
     if normalization == "layer":
         return scores
-    return cosine_from_dot(scores, variant_norms(pts.query_norms, mask, "layer"),
-                           variant_norms(pts.example_norms, mask, "layer"))
+    return cosine_from_dot(
+        scores,
+        variant_norms(pts.query_norms, mask, "layer"),
+        variant_norms(pts.example_norms, mask, "layer"),
+    )

@@ -221,8 +221,24 @@ def _nb_hash(position, seed_lo, seed_hi):
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
-def _nb_shuffle(vt, block, sizes, invs, is_col, tables, offsets, seed_lo, seed_hi,
-                k_lo, k_hi, idx, quot, sgn, acc, out):
+def _nb_shuffle(
+    vt,
+    block,
+    sizes,
+    invs,
+    is_col,
+    tables,
+    offsets,
+    seed_lo,
+    seed_hi,
+    k_lo,
+    k_hi,
+    idx,
+    quot,
+    sgn,
+    acc,
+    out,
+):
     """Shuffle RapidGrad entries [k_lo, k_hi) of a group of G rows.
 
     Args:
@@ -282,8 +298,7 @@ def _nb_shuffle(vt, block, sizes, invs, is_col, tables, offsets, seed_lo, seed_h
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
-def _nb_countsketch(v, k_mask, bucket_lo, bucket_hi, sign_lo, sign_hi, b_lo, b_hi,
-                    bkt, sgn, acc):
+def _nb_countsketch(v, k_mask, bucket_lo, bucket_hi, sign_lo, sign_hi, b_lo, b_hi, bkt, sgn, acc):
     """Countsketch of rows [b_lo, b_hi) of ``v`` (B, D) float32 into ``acc`` (B, K) float64.
 
     Each row is accumulated in coordinate order, so the result does not depend on how the
@@ -319,8 +334,9 @@ def _run_parts(fn, parts: list[tuple]) -> None:
     if len(parts) > 1:
         with _pool_lock:
             if _pool is None:
-                _pool = ThreadPoolExecutor(max_workers=max(1, _num_threads() - 1),
-                                           thread_name_prefix="rapidin-sketch")
+                _pool = ThreadPoolExecutor(
+                    max_workers=max(1, _num_threads() - 1), thread_name_prefix="rapidin-sketch"
+                )
         futures = [_pool.submit(fn, *part) for part in parts[1:]]
         fn(*parts[0])
         for future in futures:
@@ -501,8 +517,10 @@ class RapidGradSketch:
             for r, (x_row, x_col) in enumerate(self.divisors):
                 sizes += [self.padded_dim // x_row, x_col]
                 is_col += [False, True]
-                tables += [_permutation(self.settings.seed, r, 0, x_row),
-                           _permutation(self.settings.seed, r, 1, x_col)]
+                tables += [
+                    _permutation(self.settings.seed, r, 0, x_row),
+                    _permutation(self.settings.seed, r, 1, x_col),
+                ]
             dtype = np.int32 if self.padded_dim < _INT32_INDEX_LIMIT else np.int64
             offsets = np.zeros(len(tables) + 1, dtype=np.int64)
             offsets[1:] = np.cumsum([len(t) for t in tables])
@@ -532,11 +550,26 @@ class RapidGradSketch:
             # Contiguous ranges of output entries, one per thread; any split gives the same
             # numbers because every entry is summed by one thread in a fixed order.
             parts = [
-                (vt, block, plan.sizes, plan.invs, plan.is_col, plan.tables, plan.offsets,
-                 seed_lo, seed_hi, int(lo), int(hi), np.empty(tile, dtype=plan.index_dtype),
-                 np.empty(tile, dtype=plan.index_dtype), np.empty(tile, dtype=np.float64),
-                 np.empty(vt.shape[1], dtype=np.float64), group)
-                for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo
+                (
+                    vt,
+                    block,
+                    plan.sizes,
+                    plan.invs,
+                    plan.is_col,
+                    plan.tables,
+                    plan.offsets,
+                    seed_lo,
+                    seed_hi,
+                    int(lo),
+                    int(hi),
+                    np.empty(tile, dtype=plan.index_dtype),
+                    np.empty(tile, dtype=plan.index_dtype),
+                    np.empty(tile, dtype=np.float64),
+                    np.empty(vt.shape[1], dtype=np.float64),
+                    group,
+                )
+                for lo, hi in zip(bounds[:-1], bounds[1:])
+                if hi > lo
             ]
             _run_parts(_nb_shuffle, parts)
         return out
@@ -549,10 +582,21 @@ class RapidGradSketch:
         n_parts = max(1, min(_num_threads(), v.shape[0]))
         bounds = np.linspace(0, v.shape[0], n_parts + 1).astype(np.int64)
         parts = [
-            (v, np.uint64(k - 1), np.uint64(bucket_words[0]), np.uint64(bucket_words[1]),
-             np.uint64(sign_words[0]), np.uint64(sign_words[1]), int(lo), int(hi),
-             np.empty(_CPU_TILE, dtype=np.int64), np.empty(_CPU_TILE, dtype=np.float64), acc)
-            for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo
+            (
+                v,
+                np.uint64(k - 1),
+                np.uint64(bucket_words[0]),
+                np.uint64(bucket_words[1]),
+                np.uint64(sign_words[0]),
+                np.uint64(sign_words[1]),
+                int(lo),
+                int(hi),
+                np.empty(_CPU_TILE, dtype=np.int64),
+                np.empty(_CPU_TILE, dtype=np.float64),
+                acc,
+            )
+            for lo, hi in zip(bounds[:-1], bounds[1:])
+            if hi > lo
         ]
         _run_parts(_nb_countsketch, parts)
         return acc.astype(np.float32)

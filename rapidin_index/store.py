@@ -242,8 +242,7 @@ class Store:
         paths = [(path, expected) for path, _, _ in self.chunk_files()]
         if self.has_norms:
             paths += [
-                (str(self.norms_chunk_path(i)), self.rows_per_chunk * 4)
-                for i in range(len(paths))
+                (str(self.norms_chunk_path(i)), self.rows_per_chunk * 4) for i in range(len(paths))
             ]
         for path, want in paths:
             try:

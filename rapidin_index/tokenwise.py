@@ -167,8 +167,7 @@ class TokenwiseScorer:
     def _terms(logits: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         # Same arithmetic as gradients.example_loss (fp32 logits, logits[t-1] predicts token t),
         # so the mean of these terms is exactly the example's loss.
-        return torch.nn.functional.cross_entropy(logits[0, rows].float(), targets,
-                                                 reduction="none")
+        return torch.nn.functional.cross_entropy(logits[0, rows].float(), targets, reduction="none")
 
     def token_losses(self, example: TokenizedExample) -> torch.Tensor:
         """(G,) float32 per-token loss terms ``l_i``, with autograd graph, in position order."""
@@ -178,8 +177,9 @@ class TokenwiseScorer:
 
     # -- J v: <∇ l_i, v> for every loss term i -------------------------------------------------
 
-    def directional(self, example: TokenizedExample,
-                    tangents: Sequence[torch.Tensor]) -> torch.Tensor:
+    def directional(
+        self, example: TokenizedExample, tangents: Sequence[torch.Tensor]
+    ) -> torch.Tensor:
         """(G,) float32 ``<∇_θ l_i, v>`` for every loss term of ``example``.
 
         Args:
@@ -193,8 +193,12 @@ class TokenwiseScorer:
             except (NotImplementedError, RuntimeError) as err:
                 if len(self._order) == 1:
                     raise
-                logger.warning("token-wise method %s failed (%s); falling back to %s",
-                               method, str(err).splitlines()[0][:200], self._order[1])
+                logger.warning(
+                    "token-wise method %s failed (%s); falling back to %s",
+                    method,
+                    str(err).splitlines()[0][:200],
+                    self._order[1],
+                )
                 self._order.pop(0)
 
     def _jvp(self, example, tangents) -> torch.Tensor:
@@ -207,8 +211,9 @@ class TokenwiseScorer:
         with torch.no_grad(), _math_attention(), fwad.dual_level():
             duals = {
                 name: fwad.make_dual(p.detach(), v.to(p.dtype))
-                for name, p, v in zip(self.computer.names, self.computer.params, tangents,
-                                      strict=True)
+                for name, p, v in zip(
+                    self.computer.names, self.computer.params, tangents, strict=True
+                )
             }
             out = torch.func.functional_call(self.model, duals, (), {"input_ids": ids})
             dots = fwad.unpack_dual(self._terms(out.logits, rows, targets)).tangent
@@ -221,10 +226,14 @@ class TokenwiseScorer:
             terms = self.token_losses(example)
             # g(u) = J^T u is linear in u, so d<g(u), v>/du = J v exactly, at any u.
             u = torch.zeros_like(terms, requires_grad=True)
-            grads = torch.autograd.grad(terms, self.computer.params, grad_outputs=u,
-                                        create_graph=True, allow_unused=True)
-            dot = sum((g.float() * v.float()).sum()
-                      for g, v in zip(grads, tangents, strict=True) if g is not None)
+            grads = torch.autograd.grad(
+                terms, self.computer.params, grad_outputs=u, create_graph=True, allow_unused=True
+            )
+            dot = sum(
+                (g.float() * v.float()).sum()
+                for g, v in zip(grads, tangents, strict=True)
+                if g is not None
+            )
             if not isinstance(dot, torch.Tensor) or not dot.requires_grad:
                 return torch.zeros_like(terms).detach()
             (jv,) = torch.autograd.grad(dot, u)
@@ -234,10 +243,14 @@ class TokenwiseScorer:
         terms = self.token_losses(example)
         out = torch.empty(terms.shape[0], dtype=torch.float32)
         for i in range(terms.shape[0]):
-            grads = torch.autograd.grad(terms[i], self.computer.params, retain_graph=True,
-                                        allow_unused=True)
-            out[i] = sum(float((g.float() * v.float()).sum())
-                         for g, v in zip(grads, tangents, strict=True) if g is not None)
+            grads = torch.autograd.grad(
+                terms[i], self.computer.params, retain_graph=True, allow_unused=True
+            )
+            out[i] = sum(
+                float((g.float() * v.float()).sum())
+                for g, v in zip(grads, tangents, strict=True)
+                if g is not None
+            )
         return out
 
     # -- Eqs. 6-8 -----------------------------------------------------------------------------
@@ -249,8 +262,10 @@ class TokenwiseScorer:
         Eq. 7. The direction is ``v_p = of.scales[p] * against.scales[p] * against.grads[p]``,
         and the mean of the result is the sentence score ``<ĝ_of, ĝ_against>``.
         """
-        tangents = [g * (sa * sb) for g, sa, sb
-                    in zip(against.grads, of.scales, against.scales, strict=True)]
+        tangents = [
+            g * (sa * sb)
+            for g, sa, sb in zip(against.grads, of.scales, against.scales, strict=True)
+        ]
         return self.directional(of.example, tangents)
 
     def pairwise(self, rows: ExampleGradient, cols: ExampleGradient) -> torch.Tensor:
@@ -264,13 +279,21 @@ class TokenwiseScorer:
         terms = self.token_losses(short.example)
         out = []
         for i in range(terms.shape[0]):
-            grads = torch.autograd.grad(terms[i], self.computer.params, retain_graph=True,
-                                        allow_unused=True)
+            grads = torch.autograd.grad(
+                terms[i], self.computer.params, retain_graph=True, allow_unused=True
+            )
             tangents = [
-                torch.zeros(shape, dtype=torch.float32, device=p.device) if g is None
+                torch.zeros(shape, dtype=torch.float32, device=p.device)
+                if g is None
                 else g.float() * (sa * sb)
-                for g, shape, p, sa, sb in zip(grads, self.computer.shapes, self.computer.params,
-                                               short.scales, other.scales, strict=True)
+                for g, shape, p, sa, sb in zip(
+                    grads,
+                    self.computer.shapes,
+                    self.computer.params,
+                    short.scales,
+                    other.scales,
+                    strict=True,
+                )
             ]
             out.append(self.directional(other.example, tangents))
         matrix = torch.stack(out)
@@ -306,8 +329,13 @@ class TokenPiece:
     target: bool = False
 
     def to_json(self, with_target: bool = False) -> dict:
-        out = {"text": self.text, "start": self.start, "end": self.end, "field": self.field,
-               "score": self.score}
+        out = {
+            "text": self.text,
+            "start": self.start,
+            "end": self.end,
+            "field": self.field,
+            "score": self.score,
+        }
         if with_target:
             out["target"] = self.target
         return out
@@ -316,8 +344,7 @@ class TokenPiece:
 def _offsets(tokenizer, text: str, add_special_tokens: bool) -> tuple[list[int], list]:
     """Token ids of ``text`` and each token's (start, end) character offsets in it."""
     if getattr(tokenizer, "is_fast", False):
-        enc = tokenizer(text, add_special_tokens=add_special_tokens,
-                        return_offsets_mapping=True)
+        enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
         return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
     # Slow tokenizers have no offsets: recover them from growing decoded prefixes, which is
     # exact whenever decoding gives back the text (the common case).
@@ -335,11 +362,12 @@ def _offsets(tokenizer, text: str, add_special_tokens: bool) -> tuple[list[int],
     return ids, offsets
 
 
-def _response_pieces(tokenizer, response: str, example: TokenizedExample,
-                     field: str) -> list[TokenPiece]:
+def _response_pieces(
+    tokenizer, response: str, example: TokenizedExample, field: str
+) -> list[TokenPiece]:
     """Pieces of the response tokens (and the EOS when kept) of ``example``."""
     ids, offsets = _offsets(tokenizer, response, add_special_tokens=False)
-    kept = example.input_ids[example.prompt_len:]
+    kept = example.input_ids[example.prompt_len :]
     if kept[: len(ids)] != ids[: len(kept)]:
         raise DataError("the response re-tokenised differently; cannot map tokens to text")
     pieces = []
@@ -368,12 +396,13 @@ def _instruction_offset(prompt: str, merged: str, tokenizer, template: str) -> i
     return found if found >= 0 else None
 
 
-def _prompt_pieces(tokenizer, template: str, record: Record,
-                   example: TokenizedExample) -> list[TokenPiece]:
+def _prompt_pieces(
+    tokenizer, template: str, record: Record, example: TokenizedExample
+) -> list[TokenPiece]:
     prompt = format_prompt(record.merged_instruction, tokenizer, template)
     ids, offsets = _offsets(tokenizer, prompt, add_special_tokens=template != "chat")
     n = example.prompt_len
-    if ids[len(ids) - n:] != example.input_ids[:n]:
+    if ids[len(ids) - n :] != example.input_ids[:n]:
         raise DataError("the prompt re-tokenised differently; cannot map tokens to text")
     at = _instruction_offset(prompt, record.merged_instruction, tokenizer, template)
     if at is None:
@@ -382,7 +411,7 @@ def _prompt_pieces(tokenizer, template: str, record: Record,
     if record.input:
         fields.append(("input", at + len(record.instruction) + 1, record.input))
     pieces = []
-    for position, (a, b) in enumerate(offsets[len(ids) - n:]):
+    for position, (a, b) in enumerate(offsets[len(ids) - n :]):
         best = None
         for name, begin, text in fields:
             lo, hi = max(a, begin), min(b, begin + len(text))
@@ -394,11 +423,13 @@ def _prompt_pieces(tokenizer, template: str, record: Record,
     return pieces
 
 
-def example_pieces(tokenizer, template: str, record: Record,
-                   example: TokenizedExample) -> list[TokenPiece]:
+def example_pieces(
+    tokenizer, template: str, record: Record, example: TokenizedExample
+) -> list[TokenPiece]:
     """Pieces of a training example: instruction and input tokens, then output and EOS."""
-    return (_prompt_pieces(tokenizer, template, record, example)
-            + _response_pieces(tokenizer, record.output, example, "output"))
+    return _prompt_pieces(tokenizer, template, record, example) + _response_pieces(
+        tokenizer, record.output, example, "output"
+    )
 
 
 def generation_pieces(tokenizer, generation: str, example: TokenizedExample) -> list[TokenPiece]:
@@ -406,11 +437,14 @@ def generation_pieces(tokenizer, generation: str, example: TokenizedExample) -> 
     return _response_pieces(tokenizer, generation, example, "generation")
 
 
-def with_scores(pieces: Sequence[TokenPiece], positions: Sequence[int],
-                scores: Sequence[float]) -> list[TokenPiece]:
+def with_scores(
+    pieces: Sequence[TokenPiece], positions: Sequence[int], scores: Sequence[float]
+) -> list[TokenPiece]:
     by_position = dict(zip(positions, scores, strict=True))
-    return [replace(p, score=float(by_position[p.position])) if p.position in by_position
-            else p for p in pieces]
+    return [
+        replace(p, score=float(by_position[p.position])) if p.position in by_position else p
+        for p in pieces
+    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -432,19 +466,26 @@ def find_target(generation: str, target_text: str) -> list[tuple[int, int]]:
         at = generation.find(target_text, at + len(target_text))
     if not spans:
         shown = generation if len(generation) <= 200 else generation[:199] + "…"
-        raise DataError(f"--target-text {target_text!r} does not occur in the generation "
-                        f"(matching is case-sensitive): {shown!r}")
+        raise DataError(
+            f"--target-text {target_text!r} does not occur in the generation "
+            f"(matching is case-sensitive): {shown!r}"
+        )
     return spans
 
 
 def mark_target(pieces: Sequence[TokenPiece], spans: Sequence[tuple[int, int]]) -> list[TokenPiece]:
     """Flags generation pieces that overlap any target span."""
-    return [replace(p, target=True) if p.field == "generation"
-            and any(p.start < e and s < p.end for s, e in spans) else p for p in pieces]
+    return [
+        replace(p, target=True)
+        if p.field == "generation" and any(p.start < e and s < p.end for s, e in spans)
+        else p
+        for p in pieces
+    ]
 
 
-def restrict_to_target(tokenizer, example: TokenizedExample, generation: str,
-                       target_text: str) -> TokenizedExample:
+def restrict_to_target(
+    tokenizer, example: TokenizedExample, generation: str, target_text: str
+) -> TokenizedExample:
     """The generation example with its loss restricted to the tokens of ``target_text``.
 
     All occurrences count: the restricted loss is the mean over the tokens of every
@@ -454,8 +495,10 @@ def restrict_to_target(tokenizer, example: TokenizedExample, generation: str,
     pieces = mark_target(generation_pieces(tokenizer, generation, example), spans)
     positions = [p.position for p in pieces if p.target]
     if not positions:
-        raise DataError(f"--target-text {target_text!r} lies beyond the tokens kept for the "
-                        "generation; raise the index's --max-length")
+        raise DataError(
+            f"--target-text {target_text!r} lies beyond the tokens kept for the "
+            "generation; raise the index's --max-length"
+        )
     return restrict_labels(example, positions)
 
 
@@ -501,11 +544,12 @@ def annotate(
         # terms of every generation token so that Eq. 7 covers the whole generation.
         gen = replace(scorer.prepare(attributor.query_example(query)), example=full)
         gen_positions = gen.positions
-        rows = result.results[:max(top, 1 if pairwise else 0)]
+        rows = result.results[: max(top, 1 if pairwise else 0)]
         for rank, row in enumerate(rows, start=1):
             record = records[row["id"]]
-            example = tokenize_records([record], tokenizer, attributor.template,
-                                       attributor.max_length)[0]
+            example = tokenize_records(
+                [record], tokenizer, attributor.template, attributor.max_length
+            )[0]
             train = scorer.prepare(example)
             pieces = example_pieces(tokenizer, attributor.template, record, example)
             if rank <= top:
@@ -518,13 +562,18 @@ def annotate(
                 matrix = scorer.pairwise(gen, train)
                 train_scored = [p for p in pieces if p.position in set(train.positions)]
                 extra["pairwise"] = {
-                    "rank": 1, "id": row["id"],
-                    "generation_tokens": [p.to_json(with_target=True) for p in gen_pieces
-                                          if p.position in set(gen_positions)],
+                    "rank": 1,
+                    "id": row["id"],
+                    "generation_tokens": [
+                        p.to_json(with_target=True)
+                        for p in gen_pieces
+                        if p.position in set(gen_positions)
+                    ],
                     "train_tokens": [p.to_json() for p in train_scored],
                     "matrix": matrix.tolist(),
                 }
         extra["generation_tokens"] = [p.to_json(with_target=True) for p in gen_pieces]
         result.tokenwise = extra
-    logger.info("token-wise scores (%s) in %.2f s", scorer.resolved_method,
-                time.perf_counter() - began)
+    logger.info(
+        "token-wise scores (%s) in %.2f s", scorer.resolved_method, time.perf_counter() - began
+    )

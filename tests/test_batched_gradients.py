@@ -52,8 +52,9 @@ def _full_model(path):
 def _lora(model, r: int = 4):
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=r, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                        init_lora_weights=False)
+    config = LoraConfig(
+        r=r, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=False
+    )
     return get_peft_model(model, config).eval()
 
 
@@ -76,8 +77,9 @@ def test_tied_embedding_gets_both_of_its_uses(tiny):
     model = LlamaForCausalLM(config).eval()
     assert model.lm_head.weight is model.model.embed_tokens.weight
     computer = GradientComputer(model, select_parameters(model), "none")
-    torch.testing.assert_close(computer.gradients(examples), _reference(computer, examples),
-                               rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(
+        computer.gradients(examples), _reference(computer, examples), rtol=RTOL, atol=ATOL
+    )
 
 
 @pytest.mark.parametrize("batching", ["packed", "padded"])
@@ -86,8 +88,9 @@ def test_lora_batch_equals_one_at_a_time(tiny, batching):
     model = _lora(_full_model(path))
     computer = GradientComputer(model, select_parameters(model), "layer", batching)
     assert all("lora_" in n for n in computer.names)
-    torch.testing.assert_close(computer.gradients(examples), _reference(computer, examples),
-                               rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(
+        computer.gradients(examples), _reference(computer, examples), rtol=RTOL, atol=ATOL
+    )
 
 
 def test_qlora_4bit_batch_equals_one_at_a_time(tmp_path, tiny):
@@ -97,18 +100,21 @@ def test_qlora_4bit_batch_equals_one_at_a_time(tmp_path, tiny):
         from transformers import BitsAndBytesConfig
 
         path = make_tiny_model(tmp_path / "tiny64", hidden=64)
-        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                   bnb_4bit_compute_dtype=torch.float32)
-        base = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant,
-                                                    dtype=torch.float32)
+        quant = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+        )
+        base = AutoModelForCausalLM.from_pretrained(
+            path, quantization_config=quant, dtype=torch.float32
+        )
         base(input_ids=torch.tensor([examples[0].input_ids]))
     except Exception as err:  # noqa: BLE001 - any failure means 4-bit cannot run here
         pytest.skip(f"bitsandbytes 4-bit cannot run on this machine: {err}")
     assert "4bit" in type(base.model.layers[0].self_attn.q_proj).__name__
     model = _lora(base)
     computer = GradientComputer(model, select_parameters(model), "layer")
-    torch.testing.assert_close(computer.gradients(examples), _reference(computer, examples),
-                               rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(
+        computer.gradients(examples), _reference(computer, examples), rtol=RTOL, atol=ATOL
+    )
 
 
 @pytest.mark.parametrize("batching", ["packed", "padded"])
@@ -183,10 +189,10 @@ def test_sketch_workspace_enters_the_estimate_and_grows_with_k(tiny):
     small = RapidGradSketch(computer.dim, SketchSettings(k=256), backend="torch")
     large = RapidGradSketch(computer.dim, SketchSettings(k=4096), backend="torch")
     for b in (1, 4):
-        assert (computer.batch_bytes(examples[:b], large.workspace_bytes)
-                > computer.batch_bytes(examples[:b], small.workspace_bytes))
-    per_example = [computer.batch_bytes(examples[:1] * b, small.workspace_bytes)
-                   for b in (1, 2, 4)]
+        assert computer.batch_bytes(examples[:b], large.workspace_bytes) > computer.batch_bytes(
+            examples[:b], small.workspace_bytes
+        )
+    per_example = [computer.batch_bytes(examples[:1] * b, small.workspace_bytes) for b in (1, 2, 4)]
     assert per_example[0] < per_example[1] < per_example[2]
 
 
@@ -200,8 +206,13 @@ def test_batched_build_writes_what_the_one_at_a_time_build_writes(tmp_path, tiny
     data = str(write_jsonl(tmp_path / "train.jsonl", make_records(7, seed=4)))
     stores = {}
     for name, batch in (("loop", 1), ("auto", None), ("three", 3)):
-        settings = BuildSettings(data=data, index=str(tmp_path / name), model=tiny_model,
-                                 sketch=SketchSettings(k=1024), batch_size=batch)
+        settings = BuildSettings(
+            data=data,
+            index=str(tmp_path / name),
+            model=tiny_model,
+            sketch=SketchSettings(k=1024),
+            batch_size=batch,
+        )
         build_index(settings, progress=False)
         stores[name] = Store.open(tmp_path / name)
     assert stores["auto"].manifest["build"]["settings"]["batch_size"] > 1
@@ -220,11 +231,26 @@ def test_cli_build_takes_projection_batch_size_and_memory_budget(tmp_path, tiny_
     from tests.tiny import make_records, write_jsonl
 
     data = write_jsonl(tmp_path / "train.jsonl", make_records(6, seed=2))
-    for index, extra in (("cs", ["--projection", "countsketch", "--batch-size", "4"]),
-                         ("mb", ["--memory-budget", "0.5"])):
-        result = CliRunner().invoke(cli, ["--quiet", "build", "--data", str(data), "--index",
-                                          str(tmp_path / index), "--model", tiny_model,
-                                          "-k", "256", *extra])
+    for index, extra in (
+        ("cs", ["--projection", "countsketch", "--batch-size", "4"]),
+        ("mb", ["--memory-budget", "0.5"]),
+    ):
+        result = CliRunner().invoke(
+            cli,
+            [
+                "--quiet",
+                "build",
+                "--data",
+                str(data),
+                "--index",
+                str(tmp_path / index),
+                "--model",
+                tiny_model,
+                "-k",
+                "256",
+                *extra,
+            ],
+        )
         assert result.exit_code == 0, result.output
     cs = Store.open(tmp_path / "cs").manifest
     assert cs["sketch"]["projection"] == "countsketch" and cs["sketch"]["divisors"] == []
@@ -232,8 +258,20 @@ def test_cli_build_takes_projection_batch_size_and_memory_budget(tmp_path, tiny_
     mb = Store.open(tmp_path / "mb").manifest
     assert mb["build"]["settings"]["memory_budget_gb"] == 0.5
     assert mb["sketch"]["projection"] == "shuffle" and mb["sketch"]["divisors"]
-    bad = CliRunner().invoke(cli, ["build", "--data", str(data), "--index", str(tmp_path / "x"),
-                                   "--model", tiny_model, "--batch-size", "0"])
+    bad = CliRunner().invoke(
+        cli,
+        [
+            "build",
+            "--data",
+            str(data),
+            "--index",
+            str(tmp_path / "x"),
+            "--model",
+            tiny_model,
+            "--batch-size",
+            "0",
+        ],
+    )
     assert bad.exit_code == 2
 
 

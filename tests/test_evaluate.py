@@ -291,8 +291,11 @@ def test_pass_methods_and_companion_index_equal_their_stand_alone_versions(tmp_p
     built = tmp_path / "built-lora-b"
     build_index(
         BuildSettings(
-            data=str(pipe.train_path), index=str(built), model=settings.model,
-            adapter=str(out / "adapter"), max_length=settings.max_length,
+            data=str(pipe.train_path),
+            index=str(built),
+            model=settings.model,
+            adapter=str(out / "adapter"),
+            max_length=settings.max_length,
             sketch=SketchSettings(k=k, shuffle_rounds=lam),
             gradient=GradientSettings(params_preset="lora-b"),
         ),
@@ -309,7 +312,9 @@ def test_pass_methods_and_companion_index_equal_their_stand_alone_versions(tmp_p
     np.testing.assert_allclose(companion.read_norms(), reference.read_norms(), rtol=1e-4)
     variants = json.loads((out / "score-variants.json").read_text())
     sketch_params = {
-        r["params"] for rows in variants["query_sets"].values() for r in rows
+        r["params"]
+        for rows in variants["query_sets"].values()
+        for r in rows
         if r["method"].startswith("RapidIn sketch")
     }
     assert sketch_params == {"all", "lora-b"}

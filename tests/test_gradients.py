@@ -74,6 +74,11 @@ def test_computers_sharing_a_model_each_keep_their_own_parameters(model_and_exam
     assert not any(p.requires_grad for n, p in model.named_parameters() if "mlp" not in n)
     torch.testing.assert_close(everything.gradient(ex), before)
     torch.testing.assert_close(everything.gradients([ex, ex])[1], before, rtol=1e-4, atol=1e-6)
-    mlp = torch.cat([g.reshape(-1) for n, g in zip(everything.names, torch.split(
-        before, everything.sizes)) if "mlp" in n])
+    mlp = torch.cat(
+        [
+            g.reshape(-1)
+            for n, g in zip(everything.names, torch.split(before, everything.sizes))
+            if "mlp" in n
+        ]
+    )
     torch.testing.assert_close(subset.gradient(ex), mlp)

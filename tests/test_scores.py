@@ -112,8 +112,9 @@ def test_cosine_with_stored_norms_equals_brute_force(lora, tmp_path, normalizati
     np.testing.assert_allclose(exact, cosine, rtol=1e-5, atol=1e-6)
     sketch = att.score_all(QUERIES, "rapidin", score="cosine")
     np.testing.assert_allclose(sketch, cosine, atol=2e-3)
-    np.testing.assert_allclose(att.score_all(QUERIES, "rapidin"), dots,
-                               atol=2e-3 * np.abs(dots).max())
+    np.testing.assert_allclose(
+        att.score_all(QUERIES, "rapidin"), dots, atol=2e-3 * np.abs(dots).max()
+    )
     # The scan ranks by the same cosine (query norm from its exact gradient).
     results = att.attribute(QUERIES, topk=6, bottom=True, options=ScoreOptions("cosine"))
     for result, row in zip(results, sketch):
@@ -141,8 +142,21 @@ def test_index_without_stored_norms_names_the_fix(layer_index, tmp_path):
     with pytest.raises(StoreError, match="new --index"):
         att.store.read_norms()
     assert att.attribute(QUERIES, topk=3)[0].results  # dot still works
-    result = CliRunner().invoke(cli, ["--quiet", "query", "--index", str(old), "--prompt", "x",
-                                      "--generation", str(_gen(tmp_path)), "--score", "cosine"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "--quiet",
+            "query",
+            "--index",
+            str(old),
+            "--prompt",
+            "x",
+            "--generation",
+            str(_gen(tmp_path)),
+            "--score",
+            "cosine",
+        ],
+    )
     assert result.exit_code == 1 and "--score dot" in result.output, result.output
     info = CliRunner().invoke(cli, ["info", "--index", str(old)])
     assert "no gradient norms stored" in info.output
@@ -151,9 +165,18 @@ def test_index_without_stored_norms_names_the_fix(layer_index, tmp_path):
 def test_an_index_begun_without_norms_is_continued_without_them(lora, layer_index, tmp_path):
     model, adapter, data = lora
     old = tmp_path / "old"
-    build_index(BuildSettings(data=data, index=str(old), model=model, adapter=adapter,
-                              sketch=SketchSettings(k=1024), rows_per_chunk=10, limit=13),
-                progress=False)
+    build_index(
+        BuildSettings(
+            data=data,
+            index=str(old),
+            model=model,
+            adapter=adapter,
+            sketch=SketchSettings(k=1024),
+            rows_per_chunk=10,
+            limit=13,
+        ),
+        progress=False,
+    )
     manifest = json.loads((old / "manifest.json").read_text())
     del manifest["store"]["norms"]
     (old / "manifest.json").write_text(json.dumps(manifest))
@@ -177,8 +200,13 @@ def test_manifest_and_norms_round_trip(layer_index, tmp_path):
     m = store.manifest
     assert m["store"]["norms"]["dtype"] == "float32"
     assert len(m["store"]["norms"]["chunk_crc32"]) == 3
-    assert m["scores"] == {"preset": None, "paper_gradient": True, "stored_norms": True,
-                           "query_scores": ["dot", "cosine"], "rank_by": ["signed", "abs"]}
+    assert m["scores"] == {
+        "preset": None,
+        "paper_gradient": True,
+        "stored_norms": True,
+        "query_scores": ["dot", "cosine"],
+        "rank_by": ["signed", "abs"],
+    }
     assert m["gradient"]["params_preset"] is None and m["gradient"]["preset_globs"] is None
     norms = store.read_norms()
     assert norms.shape == (24,) and norms.dtype == np.float32
@@ -248,8 +276,10 @@ def test_presets_expand_to_the_right_parameter_names(lora, tiny_model):
 def test_a_preset_index_records_its_globs(lora, tmp_path):
     _build(lora, tmp_path / "ix", k=512, params_preset="lora-b")
     g = Store.open(tmp_path / "ix").manifest["gradient"]
-    assert g["params_preset"] == "lora-b" and g["preset_globs"] == ["*.lora_B.*",
-                                                                    "*.lora_embedding_B*"]
+    assert g["params_preset"] == "lora-b" and g["preset_globs"] == [
+        "*.lora_B.*",
+        "*.lora_embedding_B*",
+    ]
     assert g["dim"] == 512 and all("lora_B" in p["name"] for p in g["parameters"])
     assert not Store.open(tmp_path / "ix").manifest["scores"]["paper_gradient"]
 
@@ -306,8 +336,9 @@ def test_scan_row_scale_multiplies_each_rows_score(engine):
     if engine == "cpu":
         found = scan(q, blocks, 5, bottom=True, row_scale=scale)
     else:
-        found = _scan_torch(q, blocks, 5, bottom=True, device="cpu", progress=False,
-                            row_scale=scale)
+        found = _scan_torch(
+            q, blocks, 5, bottom=True, device="cpu", progress=False, row_scale=scale
+        )
     for j in range(2):
         assert found.top_ids[j].tolist() == rank_rows(want[j], 5)[0].tolist()
         np.testing.assert_allclose(found.top_scores[j], np.sort(want[j])[::-1][:5], rtol=1e-5)
@@ -354,51 +385,161 @@ def _run(*args):
 def test_cli_score_flags(lora, layer_index, tmp_path):
     model, adapter, data = lora
     gen = str(_gen(tmp_path))
-    result = _run("query", "--index", layer_index, "--generation", gen, "--prompt", "the cat",
-                  "--topk", "4", "--score", "cosine", "--rank-by", "abs", "--format", "json")
+    result = _run(
+        "query",
+        "--index",
+        layer_index,
+        "--generation",
+        gen,
+        "--prompt",
+        "the cat",
+        "--topk",
+        "4",
+        "--score",
+        "cosine",
+        "--rank-by",
+        "abs",
+        "--format",
+        "json",
+    )
     assert result.exit_code == 0, result.output
     (q,) = json.loads(result.stdout)["queries"]
     assert q["score"] == "cosine" and q["rank_by"] == "abs"
     assert all(r["effect"] in ("helpful", "harmful") for r in q["results"])
     magnitudes = [abs(r["score"]) for r in q["results"]]
     assert magnitudes == sorted(magnitudes, reverse=True) and max(magnitudes) <= 1.0
-    table = _run("query", "--index", layer_index, "--generation", gen, "--prompt", "the cat",
-                 "--topk", "4", "--rank-by", "abs")
+    table = _run(
+        "query",
+        "--index",
+        layer_index,
+        "--generation",
+        gen,
+        "--prompt",
+        "the cat",
+        "--topk",
+        "4",
+        "--rank-by",
+        "abs",
+    )
     assert table.exit_code == 0, table.output
     assert "effect" in table.output and "most influential" in table.output
-    paper = _run("query", "--index", layer_index, "--generation", gen, "--prompt", "the cat",
-                 "--topk", "3", "--preset", "paper", "--format", "json")
+    paper = _run(
+        "query",
+        "--index",
+        layer_index,
+        "--generation",
+        gen,
+        "--prompt",
+        "the cat",
+        "--topk",
+        "3",
+        "--preset",
+        "paper",
+        "--format",
+        "json",
+    )
     assert paper.exit_code == 0, paper.output
     assert set(json.loads(paper.stdout)["queries"][0]) == {"prompt", "generation", "results"}
-    clash = _run("query", "--index", layer_index, "--generation", gen, "--prompt", "x",
-                 "--preset", "paper", "--score", "cosine")
+    clash = _run(
+        "query",
+        "--index",
+        layer_index,
+        "--generation",
+        gen,
+        "--prompt",
+        "x",
+        "--preset",
+        "paper",
+        "--score",
+        "cosine",
+    )
     assert clash.exit_code == 1 and "drop --score cosine" in clash.output
-    baseline = _run("query", "--index", layer_index, "--generation", gen, "--prompt", "x",
-                    "--method", "random", "--score", "cosine")
+    baseline = _run(
+        "query",
+        "--index",
+        layer_index,
+        "--generation",
+        gen,
+        "--prompt",
+        "x",
+        "--method",
+        "random",
+        "--score",
+        "cosine",
+    )
     assert baseline.exit_code == 1 and "--score cosine is defined for" in baseline.output
 
     ix = tmp_path / "lora-b"
-    built = _run("build", "--data", data, "--index", str(ix), "--model", model, "--adapter",
-                 adapter, "-k", "256", "--params-preset", "lora-b")
+    built = _run(
+        "build",
+        "--data",
+        data,
+        "--index",
+        str(ix),
+        "--model",
+        model,
+        "--adapter",
+        adapter,
+        "-k",
+        "256",
+        "--params-preset",
+        "lora-b",
+    )
     assert built.exit_code == 0, built.output
     info = _run("info", "--index", str(ix))
     assert "--params-preset lora-b" in info.output and "dot or cosine" in info.output
-    not_paper = _run("query", "--index", str(ix), "--generation", gen, "--prompt", "x",
-                     "--preset", "paper")
+    not_paper = _run(
+        "query", "--index", str(ix), "--generation", gen, "--prompt", "x", "--preset", "paper"
+    )
     assert not_paper.exit_code == 1 and "--params-preset lora-b" in not_paper.output
-    refused = _run("build", "--data", data, "--index", str(tmp_path / "p"), "--model", model,
-                   "--preset", "paper", "--normalization", "none")
+    refused = _run(
+        "build",
+        "--data",
+        data,
+        "--index",
+        str(tmp_path / "p"),
+        "--model",
+        model,
+        "--preset",
+        "paper",
+        "--normalization",
+        "none",
+    )
     assert refused.exit_code == 1 and "--preset paper" in refused.output
     assert not (tmp_path / "p").exists()
-    bad = _run("build", "--data", data, "--index", str(tmp_path / "q"), "--model", model,
-               "--params-preset", "middle-layers")
+    bad = _run(
+        "build",
+        "--data",
+        data,
+        "--index",
+        str(tmp_path / "q"),
+        "--model",
+        model,
+        "--params-preset",
+        "middle-layers",
+    )
     assert bad.exit_code == 1 and "unknown --params-preset" in bad.output
 
 
 def test_cli_build_with_paper_preset_records_it(lora, tmp_path):
     model, adapter, data = lora
-    result = _run("build", "--data", data, "--index", str(tmp_path / "ix"), "--model", model,
-                  "--adapter", adapter, "-k", "256", "--preset", "paper", "--limit", "4")
+    result = _run(
+        "build",
+        "--data",
+        data,
+        "--index",
+        str(tmp_path / "ix"),
+        "--model",
+        model,
+        "--adapter",
+        adapter,
+        "-k",
+        "256",
+        "--preset",
+        "paper",
+        "--limit",
+        "4",
+    )
     assert result.exit_code == 0, result.output
     scores = Store.open(tmp_path / "ix").manifest["scores"]
     assert scores["preset"] == "paper" and scores["paper_gradient"]
@@ -415,7 +556,9 @@ def test_score_variant_sums_equal_brute_force(lora):
     examples = tokenize_records(load_records(data), loaded.tokenizer, "alpaca", 512)
     queries = tokenize_records(
         [Record(i, q.instruction, "", q.generation) for i, q in enumerate(QUERIES)],
-        loaded.tokenizer, "alpaca", 512,
+        loaded.tokenizer,
+        "alpaca",
+        512,
     )
     q = torch.stack([raw.gradient(e) for e in queries])
     pts = per_tensor_pass(raw, q, examples, batch_size=5)
@@ -439,8 +582,12 @@ def test_score_variant_sums_equal_brute_force(lora):
         }
         for normalization in VARIANT_NORMALIZATIONS:
             got = variant_scores(pts, mask, normalization)
-            np.testing.assert_allclose(got, want[normalization].numpy(), rtol=1e-5,
-                                       atol=1e-7 * float(want[normalization].abs().max()))
+            np.testing.assert_allclose(
+                got,
+                want[normalization].numpy(),
+                rtol=1e-5,
+                atol=1e-7 * float(want[normalization].abs().max()),
+            )
 
 
 def _tool(name):
@@ -457,8 +604,9 @@ def test_score_variants_stage_on_a_finished_run_dir(tmp_path):
     tool.main(args)
     assert not (out / "score-variants.md").exists()
     tool.main([*args, "--score-variants"])
-    stages = {s["stage"]: s["cached"] for s in json.loads((out / "results.json").read_text())
-              ["stages"]}
+    stages = {
+        s["stage"]: s["cached"] for s in json.loads((out / "results.json").read_text())["stages"]
+    }
     assert stages.pop("score variants") is False and all(stages.values()), stages
     report = (out / "score-variants.md").read_text()
     assert "| exact (paper) | all | layer | signed |" in report

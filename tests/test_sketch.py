@@ -176,8 +176,7 @@ def test_countsketch_matches_numpy_reference(backend):
     settings = SketchSettings(k=256, projection="countsketch", seed=7)
     v = np.random.default_rng(3).standard_normal((4, 5000)).astype(np.float32)
     out = RapidGradSketch(5000, settings, backend=backend).transform(torch.from_numpy(v))
-    np.testing.assert_allclose(out.numpy(), _reference_countsketch(v, 256, 7),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out.numpy(), _reference_countsketch(v, 256, 7), rtol=1e-5, atol=1e-5)
 
 
 def test_countsketch_buckets_torch_equal_numpy_and_are_balanced():

@@ -47,8 +47,9 @@ def setup(tiny_model):
     """Tokenizer, a fresh model (computers and PEFT change requires_grad), train, generation."""
     tok = AutoTokenizer.from_pretrained(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
-    train = tokenize_example(tok, format_prompt(RECORD.merged_instruction, tok, "alpaca"),
-                             RECORD.output, 512)
+    train = tokenize_example(
+        tok, format_prompt(RECORD.merged_instruction, tok, "alpaca"), RECORD.output, 512
+    )
     gen = tokenize_example(tok, format_prompt("why the cat", tok, "alpaca"), GENERATION, 512)
     return tok, model, train, gen
 
@@ -73,8 +74,12 @@ def per_token_grads(computer, example) -> list[list[torch.Tensor]]:
         alone = restrict_labels(example, [t])
         loss = example_loss(computer.model, alone)
         grads = torch.autograd.grad(loss, computer.params, allow_unused=True)
-        out.append([torch.zeros_like(p) if g is None else g.float()
-                    for g, p in zip(grads, computer.params, strict=True)])
+        out.append(
+            [
+                torch.zeros_like(p) if g is None else g.float()
+                for g, p in zip(grads, computer.params, strict=True)
+            ]
+        )
     return out
 
 
@@ -85,8 +90,9 @@ def scaled_flat(computer, grads, scales) -> torch.Tensor:
 def brute_eq6(computer, train, gen) -> np.ndarray:
     scales = computer.layer_scales(computer.parameter_gradients(train))
     g_gen = computer.gradient(gen)
-    return np.array([float(scaled_flat(computer, g, scales) @ g_gen)
-                     for g in per_token_grads(computer, train)])
+    return np.array(
+        [float(scaled_flat(computer, g, scales) @ g_gen) for g in per_token_grads(computer, train)]
+    )
 
 
 @pytest.mark.parametrize("method", ["jvp", "double-backward", "loop"])
@@ -112,8 +118,9 @@ def test_eq6_with_lora_parameters_equals_brute_force(setup):
 @pytest.mark.parametrize("normalization", ["layer", "none"])
 def test_mean_of_token_scores_is_exactly_the_sentence_score(setup, normalization):
     _, model, train, gen = setup
-    computer = GradientComputer(model, select_parameters(model, ["*mlp*", "lm_head*"]),
-                                normalization)
+    computer = GradientComputer(
+        model, select_parameters(model, ["*mlp*", "lm_head*"]), normalization
+    )
     scorer = TokenwiseScorer(computer)
     s, t = scorer.prepare(train), scorer.prepare(gen)
     sentence = float(computer.gradient(train) @ computer.gradient(gen))
@@ -131,8 +138,9 @@ def test_pairwise_matrix_equals_brute_force_and_its_marginals_are_eq6_and_eq7(se
     matrix = scorer.pairwise(t, s)
     assert matrix.shape == (len(t.positions), len(s.positions))
     rows = torch.stack([scaled_flat(computer, g, t.scales) for g in per_token_grads(computer, gen)])
-    cols = torch.stack([scaled_flat(computer, g, s.scales)
-                        for g in per_token_grads(computer, train)])
+    cols = torch.stack(
+        [scaled_flat(computer, g, s.scales) for g in per_token_grads(computer, train)]
+    )
     _close(matrix, rows @ cols.T)
     # The loop runs over the shorter side; swapping the roles transposes the result.
     _close(scorer.pairwise(s, t).T, matrix)
@@ -153,8 +161,12 @@ def test_target_gradient_is_the_mean_over_every_occurrences_tokens(setup):
     assert any(pieces[t].end <= 7 for t in kept) and any(pieces[t].end > 31 for t in kept)
     per_token = per_token_grads(computer, gen)
     by_position = dict(zip(loss_positions(gen), per_token, strict=True))
-    expected = torch.cat([torch.stack([by_position[t][k] for t in kept]).mean(0).reshape(-1)
-                          for k in range(len(computer.params))])
+    expected = torch.cat(
+        [
+            torch.stack([by_position[t][k] for t in kept]).mean(0).reshape(-1)
+            for k in range(len(computer.params))
+        ]
+    )
     torch.testing.assert_close(computer.gradient(restricted), expected, rtol=1e-4, atol=1e-6)
 
 
@@ -173,7 +185,7 @@ def test_pieces_are_exact_slices_of_the_original_fields(setup):
         if p.field == "eos":
             assert p.text == tok.eos_token and train.input_ids[p.position] == tok.eos_token_id
         else:
-            assert fields[p.field][p.start:p.end] == p.text
+            assert fields[p.field][p.start : p.end] == p.text
     # Every token with a loss term has exactly one piece; together they cover the output.
     scored = [p for p in pieces if p.field in ("output", "eos")]
     assert [p.position for p in scored] == loss_positions(train)
@@ -195,12 +207,17 @@ def test_pieces_of_truncated_examples_cover_only_the_kept_tokens(setup):
         assert short.truncated
         pieces = example_pieces(tok, "alpaca", RECORD, short)
         assert all(0 <= p.position < len(short.input_ids) for p in pieces)
-        assert [p.position for p in pieces if p.field in ("output", "eos")] == \
-            loss_positions(short)
-        assert all(fields[p.field][p.start:p.end] == p.text for p in pieces if p.field in fields)
-    assert not any(p.field == "eos" for p in example_pieces(
-        tok, "alpaca", RECORD, tokenize_example(tok, prompt, RECORD.output,
-                                                train.prompt_len + 5)))
+        assert [p.position for p in pieces if p.field in ("output", "eos")] == loss_positions(short)
+        assert all(fields[p.field][p.start : p.end] == p.text for p in pieces if p.field in fields)
+    assert not any(
+        p.field == "eos"
+        for p in example_pieces(
+            tok,
+            "alpaca",
+            RECORD,
+            tokenize_example(tok, prompt, RECORD.output, train.prompt_len + 5),
+        )
+    )
 
 
 # -- through the Attributor: --target-text retrieval and annotate() ---------------------------
@@ -212,8 +229,12 @@ def index(tmp_path_factory, tiny_model):
     records = make_records(24, seed=5)
     records[7]["output"] = "the cat sat on the mat"
     data = write_jsonl(root / "train.jsonl", records)
-    build_index(BuildSettings(data=str(data), index=str(root / "ix"), model=tiny_model,
-                              sketch=SketchSettings(k=1024)), progress=False)
+    build_index(
+        BuildSettings(
+            data=str(data), index=str(root / "ix"), model=tiny_model, sketch=SketchSettings(k=1024)
+        ),
+        progress=False,
+    )
     return str(root / "ix")
 
 
@@ -224,8 +245,9 @@ def test_target_text_retrieval_ranks_the_store_by_the_restricted_gradient(index)
     whole = att.computer.gradient(att.tokenize(query))
     assert not torch.allclose(restricted, whole)
     torch.testing.assert_close(att.query_gradients([query])[0], restricted)
-    expected = (att.sketch.transform(restricted[None]).numpy()
-                @ att.store.read_all().astype(np.float32).T)[0]
+    expected = (
+        att.sketch.transform(restricted[None]).numpy() @ att.store.read_all().astype(np.float32).T
+    )[0]
     result = att.attribute([query], topk=5)[0]
     ids, _ = topk_rows(expected, 5)
     assert [r["id"] for r in result.results] == ids.tolist()
@@ -255,11 +277,16 @@ def test_annotate_exact_score_is_the_uncompressed_score_and_tokens_map_to_text(i
         assert np.mean(row["generation_scores"]) == pytest.approx(exact, rel=1e-4, abs=1e-5)
     assert "tokens" not in res.results[2]
     pair = res.tokenwise["pairwise"]
-    assert np.asarray(pair["matrix"]).shape == (len(pair["generation_tokens"]),
-                                                len(pair["train_tokens"]))
+    assert np.asarray(pair["matrix"]).shape == (
+        len(pair["generation_tokens"]),
+        len(pair["train_tokens"]),
+    )
     assert np.asarray(pair["matrix"]).mean(0) == pytest.approx(
-        [t["score"] for t in res.results[0]["tokens"] if t["score"] is not None],
-        rel=1e-3, abs=1e-4)
-    assert all(t["score"] is None for t in res.results[0]["tokens"]
-               if t["field"] in ("instruction", "input"))
+        [t["score"] for t in res.results[0]["tokens"] if t["score"] is not None], rel=1e-3, abs=1e-4
+    )
+    assert all(
+        t["score"] is None
+        for t in res.results[0]["tokens"]
+        if t["field"] in ("instruction", "input")
+    )
     assert IGNORE_INDEX not in [gen_ex.input_ids[t] for t in loss_positions(gen_ex)]

@@ -21,8 +21,21 @@ def built(tmp_path_factory, tiny_model):
     records[2]["output"] = "<script>alert(1)</script> Zürich 東京 🙂 the cat"
     data = write_jsonl(root / "train.jsonl", records)
     index = root / "ix"
-    result = CliRunner().invoke(cli, ["--quiet", "build", "--data", str(data), "--index",
-                                      str(index), "--model", tiny_model, "-k", "256"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "--quiet",
+            "build",
+            "--data",
+            str(data),
+            "--index",
+            str(index),
+            "--model",
+            tiny_model,
+            "-k",
+            "256",
+        ],
+    )
     assert result.exit_code == 0, result.output
     gen = root / "gen.txt"
     gen.write_text(GENERATION, encoding="utf-8")
@@ -42,8 +55,21 @@ def _visible_text(page: str) -> str:
 
 def _query(built, *extra):
     _, _, index, gen = built
-    return CliRunner().invoke(cli, ["--quiet", "--no-progress", "query", "--index", index,
-                                    "--generation", gen, "--prompt", "the cat", *extra])
+    return CliRunner().invoke(
+        cli,
+        [
+            "--quiet",
+            "--no-progress",
+            "query",
+            "--index",
+            index,
+            "--generation",
+            gen,
+            "--prompt",
+            "the cat",
+            *extra,
+        ],
+    )
 
 
 def test_json_without_token_flags_keeps_the_existing_format(built):
@@ -56,8 +82,7 @@ def test_json_without_token_flags_keeps_the_existing_format(built):
 
 def test_token_wise_json_tokens_are_field_slices_whose_mean_is_the_exact_score(built):
     _, records, _, _ = built
-    result = _query(built, "--format", "json", "--topk", "4", "--token-wise",
-                    "--token-topk", "2")
+    result = _query(built, "--format", "json", "--topk", "4", "--token-wise", "--token-topk", "2")
     assert result.exit_code == 0, result.output
     q = json.loads(result.output)["queries"][0]
     assert [("tokens" in r) for r in q["results"]] == [True, True, False, False]
@@ -65,20 +90,21 @@ def test_token_wise_json_tokens_are_field_slices_whose_mean_is_the_exact_score(b
         for t in row["tokens"]:
             assert set(t) == {"text", "start", "end", "field", "score"}
             if t["field"] != "eos":
-                assert row[t["field"]][t["start"]:t["end"]] == t["text"]
+                assert row[t["field"]][t["start"] : t["end"]] == t["text"]
             assert (t["score"] is None) == (t["field"] in ("instruction", "input"))
         scores = [t["score"] for t in row["tokens"] if t["score"] is not None]
         assert np.mean(scores) == pytest.approx(row["exact_score"], rel=1e-5)
         assert len(row["generation_scores"]) == len(q["generation_tokens"])
     gen_text = [t for t in q["generation_tokens"] if t["field"] == "generation"]
-    assert all(GENERATION[t["start"]:t["end"]] == t["text"] for t in gen_text)
+    assert all(GENERATION[t["start"] : t["end"]] == t["text"] for t in gen_text)
     assert q["generation_tokens"][-1]["field"] == "eos"
 
 
 def test_target_text_marks_its_tokens_and_changes_the_retrieval(built):
     plain = json.loads(_query(built, "--format", "json", "--topk", "12").output)
-    result = _query(built, "--format", "json", "--topk", "12", "--token-wise",
-                    "--target-text", "mat")
+    result = _query(
+        built, "--format", "json", "--topk", "12", "--token-wise", "--target-text", "mat"
+    )
     assert result.exit_code == 0, result.output
     q = json.loads(result.output)["queries"][0]
     assert q["target"] == {"text": "mat", "spans": [[19, 22]]}

@@ -15,8 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _demo():
-    spec = importlib.util.spec_from_file_location("demo_tokenwise",
-                                                  ROOT / "tools" / "demo_tokenwise.py")
+    spec = importlib.util.spec_from_file_location(
+        "demo_tokenwise", ROOT / "tools" / "demo_tokenwise.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -95,9 +95,14 @@ def run_config(name: str, args) -> dict:
     batch = args.batch_size or choose_batch_size(
         ours, examples, budget, sketch_bytes=sketch_ours.workspace_bytes
     )
-    logger.info("%s: D = %d, batch size %d, %d examples (mean %.0f tokens)", name, ours.dim,
-                batch, len(examples),
-                sum(len(e.input_ids) for e in examples) / max(1, len(examples)))
+    logger.info(
+        "%s: D = %d, batch size %d, %d examples (mean %.0f tokens)",
+        name,
+        ours.dim,
+        batch,
+        len(examples),
+        sum(len(e.input_ids) for e in examples) / max(1, len(examples)),
+    )
 
     # Warm-up (numba compilation, allocator, the one-off batched check), not timed.
     sketch_paper.transform(paper.gradient(warm[0]))
@@ -183,13 +188,14 @@ def fidelity(args) -> list[dict]:
 
     loaded, params = load_config("lora", [], args.lora_rank)
     records = load_records(args.data)
-    examples = tokenize_records(records[: args.fidelity], loaded.tokenizer, "alpaca",
-                                args.max_length)
-    queries = tokenize_records([records[i] for i in args.fidelity_queries], loaded.tokenizer,
-                               "alpaca", args.max_length)
+    examples = tokenize_records(
+        records[: args.fidelity], loaded.tokenizer, "alpaca", args.max_length
+    )
+    queries = tokenize_records(
+        [records[i] for i in args.fidelity_queries], loaded.tokenizer, "alpaca", args.max_length
+    )
     computer = GradientComputer(loaded.model, params, "layer")
-    grads = torch.cat([computer.gradients(examples[i : i + 8])
-                       for i in range(0, len(examples), 8)])
+    grads = torch.cat([computer.gradients(examples[i : i + 8]) for i in range(0, len(examples), 8)])
     qs = computer.gradients(queries)
     exact = (qs.double() @ grads.double().T).numpy()
     out = []
@@ -198,19 +204,25 @@ def fidelity(args) -> list[dict]:
             sketch = RapidGradSketch(computer.dim, SketchSettings(k=k, projection=projection))
             sketch.transform(grads[:2])  # warm-up
             t0 = time.perf_counter()
-            small = torch.cat([sketch.transform(grads[i : i + 8])
-                               for i in range(0, len(grads), 8)])
+            small = torch.cat([sketch.transform(grads[i : i + 8]) for i in range(0, len(grads), 8)])
             seconds = time.perf_counter() - t0
             approx = (sketch.transform(qs).half().double() @ small.half().double().T).numpy()
             pearson = [float(np.corrcoef(e, a)[0, 1]) for e, a in zip(exact, approx)]
-            overlap = [len(set(np.argsort(-e)[:10]) & set(np.argsort(-a)[:10]))
-                       for e, a in zip(exact, approx)]
-            out.append({
-                "k": k, "projection": projection, "queries": len(qs),
-                "pearson_mean": float(np.mean(pearson)), "pearson_min": float(np.min(pearson)),
-                "top10_overlap_mean": float(np.mean(overlap)),
-                "ms_per_example": 1e3 * seconds / len(examples),
-            })
+            overlap = [
+                len(set(np.argsort(-e)[:10]) & set(np.argsort(-a)[:10]))
+                for e, a in zip(exact, approx)
+            ]
+            out.append(
+                {
+                    "k": k,
+                    "projection": projection,
+                    "queries": len(qs),
+                    "pearson_mean": float(np.mean(pearson)),
+                    "pearson_min": float(np.min(pearson)),
+                    "top10_overlap_mean": float(np.mean(overlap)),
+                    "ms_per_example": 1e3 * seconds / len(examples),
+                }
+            )
             print(json.dumps(out[-1]), flush=True)
     return out
 
@@ -245,26 +257,46 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", default=DEFAULT_DATA, help="Alpaca JSON/JSONL records.")
     parser.add_argument("--n", type=int, default=32, help="Timed examples per configuration.")
     parser.add_argument("--offset", type=int, default=0, help="First record used.")
-    parser.add_argument("--configs", default="lora,qlora,full",
-                        help="Comma-separated subset of lora, qlora, full.")
-    parser.add_argument("--full-params", nargs="*", default=["model.layers.2[4-9].*"],
-                        metavar="GLOB", help="Parameters of the full config (none = all).")
+    parser.add_argument(
+        "--configs", default="lora,qlora,full", help="Comma-separated subset of lora, qlora, full."
+    )
+    parser.add_argument(
+        "--full-params",
+        nargs="*",
+        default=["model.layers.2[4-9].*"],
+        metavar="GLOB",
+        help="Parameters of the full config (none = all).",
+    )
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--k", type=int, default=1 << 16)
     parser.add_argument("--max-length", type=int, default=512)
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="Batch size of (b) [default: chosen from --memory-budget].")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="Batch size of (b) [default: chosen from --memory-budget].",
+    )
     parser.add_argument("--memory-budget", type=float, default=None, metavar="GB")
     parser.add_argument("--json", type=Path, default=None, help="Also write results here.")
-    parser.add_argument("--fidelity", type=int, default=0, metavar="N",
-                        help="Also compare shuffle and countsketch on N real LoRA gradients.")
-    parser.add_argument("--fidelity-queries", type=int, nargs="*",
-                        default=[500, 600, 700, 800, 900],
-                        help="Records used as the queries of --fidelity.")
+    parser.add_argument(
+        "--fidelity",
+        type=int,
+        default=0,
+        metavar="N",
+        help="Also compare shuffle and countsketch on N real LoRA gradients.",
+    )
+    parser.add_argument(
+        "--fidelity-queries",
+        type=int,
+        nargs="*",
+        default=[500, 600, 700, 800, 900],
+        help="Records used as the queries of --fidelity.",
+    )
     parser.add_argument("--fidelity-k", type=int, nargs="*", default=[1 << 12, 1 << 14, 1 << 16])
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     logging.getLogger("transformers").setLevel(logging.ERROR)
     results = []
     for name in filter(None, args.configs.split(",")):
@@ -273,21 +305,29 @@ def main(argv: list[str] | None = None) -> None:
         results.append(run_config(name, args))
         print(json.dumps(results[-1]), flush=True)
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    print(f"\nthreads {torch.get_num_threads()}, whole-process peak RSS "
-          f"{usage.ru_maxrss / 1024:.0f} MiB; command: {' '.join(sys.argv)}\n")
+    print(
+        f"\nthreads {torch.get_num_threads()}, whole-process peak RSS "
+        f"{usage.ru_maxrss / 1024:.0f} MiB; command: {' '.join(sys.argv)}\n"
+    )
     if results:
         print_table(results)
     scores = fidelity(args) if args.fidelity else []
     if scores:
-        print(f"\n{args.fidelity} examples x {len(args.fidelity_queries)} queries, LoRA r="
-              f"{args.lora_rank}\n")
-        print("| K | projection | Pearson r mean (worst) | top-10 overlap | "
-              "transform ms/example (batches of 8) |")
+        print(
+            f"\n{args.fidelity} examples x {len(args.fidelity_queries)} queries, LoRA r="
+            f"{args.lora_rank}\n"
+        )
+        print(
+            "| K | projection | Pearson r mean (worst) | top-10 overlap | "
+            "transform ms/example (batches of 8) |"
+        )
         print("|---|---|---|---|---|")
         for r in scores:
-            print(f"| {r['k']} | {r['projection']} | {r['pearson_mean']:.4f} "
-                  f"({r['pearson_min']:.4f}) | {r['top10_overlap_mean']:.1f}/10 | "
-                  f"{r['ms_per_example']:.1f} |")
+            print(
+                f"| {r['k']} | {r['projection']} | {r['pearson_mean']:.4f} "
+                f"({r['pearson_min']:.4f}) | {r['top10_overlap_mean']:.1f}/10 | "
+                f"{r['ms_per_example']:.1f} |"
+            )
     if args.json:
         args.json.write_text(json.dumps({"throughput": results, "fidelity": scores}, indent=2))
 

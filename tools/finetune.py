@@ -42,8 +42,9 @@ def collate(batch, pad_id: int):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--model", default=None)
@@ -57,8 +58,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--template", default="alpaca")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default=None,
-                        help="cpu or cuda [default: cuda when available]")
+    parser.add_argument("--device", default=None, help="cpu or cuda [default: cuda when available]")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
@@ -80,17 +80,24 @@ def main() -> None:
     model = loaded.model
     if args.load_in_4bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    config = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0,
-                        target_modules=args.targets.split(","), task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=args.rank,
+        lora_alpha=args.alpha,
+        lora_dropout=0.0,
+        target_modules=args.targets.split(","),
+        task_type="CAUSAL_LM",
+    )
     model = get_peft_model(model, config)
     model.train()
-    examples = tokenize_records(load_records(args.data), loaded.tokenizer, args.template,
-                                args.max_length)
+    examples = tokenize_records(
+        load_records(args.data), loaded.tokenizer, args.template, args.max_length
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     steps = args.epochs * -(-len(examples) // args.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / max(1, steps // 10)))
+        optimizer, lambda step: min(1.0, (step + 1) / max(1, steps // 10))
+    )
     pad = loaded.tokenizer.pad_token_id or loaded.tokenizer.eos_token_id
     began, step = time.perf_counter(), 0
     for epoch in range(args.epochs):
@@ -108,12 +115,21 @@ def main() -> None:
             total += loss.item() * len(batch)
             step += 1
             if step % 20 == 0:
-                logger.info("epoch %d step %d/%d loss %.3f (%.0f s)", epoch + 1, step, steps,
-                            float(loss), time.perf_counter() - began)
+                logger.info(
+                    "epoch %d step %d/%d loss %.3f (%.0f s)",
+                    epoch + 1,
+                    step,
+                    steps,
+                    float(loss),
+                    time.perf_counter() - began,
+                )
         logger.info("epoch %d mean loss %.4f", epoch + 1, total / len(examples))
     model.save_pretrained(out)
-    record.write_text(json.dumps({"settings": settings,
-                                  "seconds": round(time.perf_counter() - began, 1)}, indent=2))
+    record.write_text(
+        json.dumps(
+            {"settings": settings, "seconds": round(time.perf_counter() - began, 1)}, indent=2
+        )
+    )
     logger.info("adapter written to %s", out)
 
 

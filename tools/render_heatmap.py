@@ -38,15 +38,25 @@ def find_chromium() -> str | None:
     return None
 
 
-def screenshot(chromium: str, page: Path, png: Path, size: str = "1200,1600",
-               timeout: float = 120.0) -> Path:
+def screenshot(
+    chromium: str, page: Path, png: Path, size: str = "1200,1600", timeout: float = 120.0
+) -> Path:
     """Loads ``page`` in headless Chromium (no network, fresh profile) and writes ``png``."""
     with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile:
         cmd = [
-            chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-            "--no-first-run", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--hide-scrollbars", f"--user-data-dir={profile}",
-            f"--screenshot={png.resolve()}", f"--window-size={size}",
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--hide-scrollbars",
+            f"--user-data-dir={profile}",
+            f"--screenshot={png.resolve()}",
+            f"--window-size={size}",
             page.resolve().as_uri(),
         ]
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -60,48 +70,76 @@ def _pieces(text: str, field: str, phase: float, scored: bool) -> list[dict]:
     out = []
     for k, m in enumerate(re.finditer(r"\s*[\w']+|\s*[^\w\s]", text)):
         score = 2.0 * math.sin(0.45 * k + phase) + 0.6 * math.cos(1.7 * k) if scored else None
-        out.append({"text": m.group(), "start": m.start(), "end": m.end(), "field": field,
-                    "score": score})
+        out.append(
+            {"text": m.group(), "start": m.start(), "end": m.end(), "field": field, "score": score}
+        )
     return out
 
 
 def demo_queries() -> list[dict]:
     """A query dict with long, hostile and non-ASCII training text and made-up scores."""
-    generation = ("The flu can cause fever, chills, cough and a sore throat. In Zürich and "
-                  "東京 alike, rest and fluids help 🙂. The flu usually passes in a week.")
+    generation = (
+        "The flu can cause fever, chills, cough and a sore throat. In Zürich and "
+        "東京 alike, rest and fluids help 🙂. The flu usually passes in a week."
+    )
     examples = [
-        ("What are some common symptoms of influenza?", "",
-         "Common symptoms of influenza include fever, chills, cough, muscle or body aches, "
-         "headaches, fatigue, runny or stuffy nose, and sore throat. Some people may also "
-         "experience vomiting and diarrhea, especially in children. The length of time that "
-         "symptoms last can vary, but once the virus takes hold, symptoms usually last for one "
-         "to two weeks. " * 2),
-        ("Render this snippet <b>bold</b> & safe", "<script>alert(1)</script>",
-         "Use &lt;b&gt; tags: <b>bold</b> & \"quoted\" 'text' <img src=x onerror=alert(2)> "
-         "</div></span><script>alert(3)</script> — all of it must show as plain text."),
-        ("Greet a traveller in Zürich, 東京 and São Paulo 🙂", "",
-         "Grüezi in Zürich! こんにちは、東京へようこそ。Olá, bem-vindo a São Paulo 🙂🎉 — "
-         "ℕ ≠ ℝ, naïve café, Ελληνικά, العربية, עברית."),
+        (
+            "What are some common symptoms of influenza?",
+            "",
+            "Common symptoms of influenza include fever, chills, cough, muscle or body aches, "
+            "headaches, fatigue, runny or stuffy nose, and sore throat. Some people may also "
+            "experience vomiting and diarrhea, especially in children. The length of time that "
+            "symptoms last can vary, but once the virus takes hold, symptoms usually last for one "
+            "to two weeks. " * 2,
+        ),
+        (
+            "Render this snippet <b>bold</b> & safe",
+            "<script>alert(1)</script>",
+            "Use &lt;b&gt; tags: <b>bold</b> & \"quoted\" 'text' <img src=x onerror=alert(2)> "
+            "</div></span><script>alert(3)</script> — all of it must show as plain text.",
+        ),
+        (
+            "Greet a traveller in Zürich, 東京 and São Paulo 🙂",
+            "",
+            "Grüezi in Zürich! こんにちは、東京へようこそ。Olá, bem-vindo a São Paulo 🙂🎉 — "
+            "ℕ ≠ ℝ, naïve café, Ελληνικά, العربية, עברית.",
+        ),
     ]
     results = []
     for rank, (instruction, extra, output) in enumerate(examples, start=1):
-        tokens = (_pieces(instruction, "instruction", 0.0, False)
-                  + _pieces(extra, "input", 0.0, False)
-                  + _pieces(output, "output", rank * 1.3, True)
-                  + [{"text": "</s>", "start": 0, "end": 0, "field": "eos", "score": 0.8}])
+        tokens = (
+            _pieces(instruction, "instruction", 0.0, False)
+            + _pieces(extra, "input", 0.0, False)
+            + _pieces(output, "output", rank * 1.3, True)
+            + [{"text": "</s>", "start": 0, "end": 0, "field": "eos", "score": 0.8}]
+        )
         scored = [t["score"] for t in tokens if t["score"] is not None]
-        results.append({"rank": rank, "id": 100 + rank, "score": 0.9 / rank,
-                        "exact_score": sum(scored) / len(scored), "instruction": instruction,
-                        "input": extra, "output": output, "tokens": tokens})
+        results.append(
+            {
+                "rank": rank,
+                "id": 100 + rank,
+                "score": 0.9 / rank,
+                "exact_score": sum(scored) / len(scored),
+                "instruction": instruction,
+                "input": extra,
+                "output": output,
+                "tokens": tokens,
+            }
+        )
     gen_tokens = _pieces(generation, "generation", 0.0, False)
     for row in results:
-        row["generation_scores"] = [math.sin(0.3 * k + row["rank"]) for k in
-                                    range(len(gen_tokens))]
+        row["generation_scores"] = [math.sin(0.3 * k + row["rank"]) for k in range(len(gen_tokens))]
     at = generation.find("flu")
     spans = [[at, at + 3], [generation.rfind("flu"), generation.rfind("flu") + 3]]
-    return [{"prompt": "What are the symptoms of the flu? <i>not italic</i>",
-             "generation": generation, "results": results, "generation_tokens": gen_tokens,
-             "target": {"text": "flu", "spans": spans}}]
+    return [
+        {
+            "prompt": "What are the symptoms of the flu? <i>not italic</i>",
+            "generation": generation,
+            "results": results,
+            "generation_tokens": gen_tokens,
+            "target": {"text": "flu", "spans": spans},
+        }
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,8 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.html is not None:
         page = args.html
     else:
-        queries = (json.loads(args.json.read_text(encoding="utf-8"))["queries"]
-                   if args.json is not None else demo_queries())
+        queries = (
+            json.loads(args.json.read_text(encoding="utf-8"))["queries"]
+            if args.json is not None
+            else demo_queries()
+        )
         page = args.out.with_suffix(".html")
         write_html(page, queries)
         print(f"wrote {page}")

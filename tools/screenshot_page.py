@@ -37,15 +37,23 @@ def main() -> None:
 
     options = Options()
     options.binary_location = shutil.which("chromium") or shutil.which("google-chrome")
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 f"--window-size={args.width},{args.height}"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        f"--window-size={args.width},{args.height}",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(options=options, service=Service(shutil.which("chromedriver")))
     driver.set_page_load_timeout(args.timeout)
     try:
         driver.get(args.url)
-        for name, value in (("prompt", args.prompt), ("generation", args.generation),
-                            ("target_text", args.target_text)):
+        for name, value in (
+            ("prompt", args.prompt),
+            ("generation", args.generation),
+            ("target_text", args.target_text),
+        ):
             if value:
                 driver.find_element(By.NAME, name).send_keys(value)
         driver.find_element(By.ID, "submit").click()
