@@ -1441,6 +1441,84 @@ def tracing_table(metrics: dict) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# Score definitions compared across evaluation runs (tools/compare_score_variants.py)
+# --------------------------------------------------------------------------------------------
+
+# The figures a score definition is judged by, per kind of run: the precision of culprits
+# among the top 10 and 50 (backdoor), the share of perturbed examples among the top 10 and
+# 25 (error tracing; the E2 entity has only 44-72 perturbed examples per pair, so the top
+# 50 mixes in the other pairs' examples even for a perfect score).
+HEADLINE_METRICS = {"backdoor": ("P@10", "P@50"), "error-tracing": ("AP@10", "AP@25")}
+
+
+def variant_key(row: dict) -> tuple[str, str, str, str]:
+    """What identifies a score definition across runs: (method, params, normalisation,
+    rank by)."""
+    return row["method"], row["params"], row["normalization"], row["rank_by"]
+
+
+def compare_variants(runs: dict[str, tuple[str, dict]]) -> dict:
+    """Every score definition's headline figures over several runs' score-variants stages.
+
+    Args:
+        runs: ``{name: (kind, score-variants.json contents)}``, kind ``"backdoor"`` or
+            ``"error-tracing"``.
+
+    Returns:
+        ``{"columns": [(run, query set, metric)], "rows": [...]}``, each row with ``key``
+        (:func:`variant_key`), ``paper``, ``values`` (one per column, None where that run
+        lacks the definition) and ``mean`` (over the columns, None unless every one is
+        there), best mean first; ``gain`` is the mean minus the paper's definition's.
+    """
+    columns, table = [], {}
+    for name, (kind, results) in runs.items():
+        if kind not in HEADLINE_METRICS:
+            raise SettingsError(f"{name}: unknown kind of run {kind!r}")
+        for query_set, rows in results["query_sets"].items():
+            for metric in HEADLINE_METRICS[kind]:
+                if not any(metric in row["metrics"] for row in rows):
+                    continue  # the set is too small for this cut-off
+                column = len(columns)
+                columns.append((name, query_set, metric))
+                for row in rows:
+                    entry = table.setdefault(variant_key(row), {"paper": False, "values": {}})
+                    entry["paper"] = entry["paper"] or bool(row.get("paper"))
+                    entry["values"][column] = row["metrics"].get(metric)
+    out = []
+    for key, entry in table.items():
+        values = [entry["values"].get(c) for c in range(len(columns))]
+        complete = all(v is not None for v in values)
+        mean = float(np.mean(values)) if complete and values else None
+        out.append({"key": key, "paper": entry["paper"], "values": values, "mean": mean})
+    paper = next((r["mean"] for r in out if r["paper"]), None)
+    for row in out:
+        row["gain"] = None if row["mean"] is None or paper is None else row["mean"] - paper
+    out.sort(key=lambda r: (r["mean"] is None, -(r["mean"] or 0.0), not r["paper"]))
+    return {"columns": columns, "rows": out}
+
+
+def comparison_markdown(comparison: dict) -> str:
+    """The table of :func:`compare_variants`, in markdown, best mean first."""
+    columns = comparison["columns"]
+    head = " | ".join(f"{run} {query_set} {metric}" for run, query_set, metric in columns)
+    lines = [
+        f"| Method | params | normalisation | rank by | {head} | mean | vs paper |",
+        "|---|---|---|---|" + "---|" * (len(columns) + 2),
+    ]
+    for row in comparison["rows"]:
+        method, params, normalization, rank_by = row["key"]
+        label = method + (" (paper)" if row["paper"] else "")
+        cells = [_fmt(v) for v in row["values"]] + [_fmt(row["mean"])]
+        gain = "–" if row["gain"] is None else f"{row['gain']:+.4f}"
+        lines.append(
+            f"| {label} | {params} | {normalization} | {rank_by} | "
+            + " | ".join(cells)
+            + f" | {gain} |"
+        )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
 # Command-line flags shared by tools/run_backdoor_eval.py and tools/run_error_tracing.py
 # --------------------------------------------------------------------------------------------
 

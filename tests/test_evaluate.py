@@ -324,3 +324,47 @@ def _parse_tiny(out, methods, *extra):
     parser = argparse.ArgumentParser()
     add_run_arguments(parser)
     return parser.parse_args(["--tiny", "--out", str(out), "--methods", methods, *extra])
+
+
+def test_compare_variants_averages_headline_figures_and_measures_against_the_paper():
+    from rapidin_index.evaluate import compare_variants, comparison_markdown
+
+    def row(params, normalization, paper=False, **metrics):
+        return {
+            "method": "exact",
+            "params": params,
+            "normalization": normalization,
+            "rank_by": "signed",
+            "paper": paper,
+            "metrics": metrics,
+        }
+
+    backdoor = {
+        "query_sets": {
+            "generation": [
+                row("all", "layer", True, **{"P@10": 0.5, "P@50": 0.3}),
+                row("lora-b", "layer", **{"P@10": 0.9, "P@50": 0.5}),
+            ]
+        }
+    }
+    # A small error-tracing set: no AP@25 anywhere, so that column is left out; lora-b
+    # is missing from it, so its mean is undefined and it sorts last.
+    tracing = {"query_sets": {"generation": [row("all", "layer", True, **{"AP@10": 0.2})]}}
+    comparison = compare_variants({"bd": ("backdoor", backdoor), "et": ("error-tracing", tracing)})
+    assert comparison["columns"] == [
+        ("bd", "generation", "P@10"),
+        ("bd", "generation", "P@50"),
+        ("et", "generation", "AP@10"),
+    ]
+    first, second = comparison["rows"]
+    assert first["key"] == ("exact", "all", "layer", "signed") and first["paper"]
+    assert first["mean"] == pytest.approx((0.5 + 0.3 + 0.2) / 3) and first["gain"] == 0.0
+    assert second["values"] == [0.9, 0.5, None] and second["mean"] is None
+    only_bd = compare_variants({"bd": ("backdoor", backdoor)})
+    assert [r["key"][1] for r in only_bd["rows"]] == ["lora-b", "all"]
+    assert only_bd["rows"][0]["gain"] == pytest.approx(0.7 - 0.4)
+    assert "| exact (paper) | all | layer | signed | 0.5000 | 0.3000 | 0.4000 | +0.0000 |" in (
+        comparison_markdown(only_bd)
+    )
+    with pytest.raises(SettingsError, match="kind"):
+        compare_variants({"x": ("other", backdoor)})
