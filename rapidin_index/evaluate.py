@@ -239,9 +239,11 @@ class EvalSettings:
         device: Where the model runs (None: CUDA when available).
         seed: Seed of the injected generations.
         score_variants: Also run the score-variants stage (``--score-variants``).
-        variant_indices: ``--params-preset`` values (``--variant-index``): for each, a RapidIn
-            index over only those tensors is written from the exact gradient pass (no
-            further backward passes) and its sketch rows join the score-variants table.
+        variant_indices: ``--variant-index`` values, each a ``--params-preset`` with an
+            optional ``/none`` for raw (not layer-normalised) gradients (see
+            :func:`parse_variant_index`): for each, a RapidIn index over only those tensors
+            is written from the exact gradient pass (no further backward passes) and its
+            sketch rows join the score-variants table.
     """
 
     data: str
@@ -278,10 +280,35 @@ class EvalSettings:
         self.baselines.validate()
         if self.variant_indices and not self.score_variants:
             raise SettingsError("--variant-index needs --score-variants")
-        from rapidin_index.model import check_params_preset
+        for spec in self.variant_indices:
+            parse_variant_index(spec)
 
-        for preset in self.variant_indices:
-            check_params_preset(preset)
+
+def parse_variant_index(spec: str) -> tuple[str, str]:
+    """``(params_preset, normalization)`` of a ``--variant-index`` value: ``PRESET`` (layer
+    normalisation, the paper's) or ``PRESET/none`` (raw gradients, for cosine scores).
+
+    Raises:
+        SettingsError: an unknown preset or normalisation.
+    """
+    from rapidin_index.gradients import GradientSettings
+    from rapidin_index.model import check_params_preset
+
+    preset, _, normalization = spec.partition("/")
+    check_params_preset(preset)
+    normalization = normalization or "layer"
+    if normalization not in ("layer", "none"):
+        raise SettingsError(
+            f"--variant-index {spec}: the part after '/' must be 'none' (raw gradients) or 'layer'"
+        )
+    GradientSettings(params_preset=preset, normalization=normalization).validate()
+    return preset, normalization
+
+
+def _variant_suffix(spec: str) -> str:
+    """A ``--variant-index`` value as part of a file name (``last-layers:2/none`` ->
+    ``last-layers2-none``)."""
+    return spec.replace(":", "").replace("/", "-")
 
 
 def _digest(value: object) -> str:
@@ -326,12 +353,13 @@ class CompanionIndex:
 
     Args:
         pipeline: The evaluation (model, adapter, data and settings).
-        preset: A ``--params-preset``.
+        preset: A ``--variant-index`` value (:func:`parse_variant_index`).
         k, lam: The RapidGrad length K and shuffle rounds λ.
     """
 
     def __init__(self, pipeline: Pipeline, preset: str, k: int, lam: int) -> None:
         self.pipeline, self.preset, self.k, self.lam = pipeline, preset, k, lam
+        self.params_preset, self.normalization = parse_variant_index(preset)
         self.path = pipeline.index_path(k, lam, preset)
         self.rows: list[np.ndarray] = []
         self.norms: list[np.ndarray] = []
@@ -350,7 +378,9 @@ class CompanionIndex:
             load_in_4bit=s.load_in_4bit,
             max_length=s.max_length,
             sketch=SketchSettings(k=self.k, shuffle_rounds=self.lam),
-            gradient=GradientSettings(params_preset=self.preset),
+            gradient=GradientSettings(
+                params_preset=self.params_preset, normalization=self.normalization
+            ),
         )
 
     def _key(self) -> str:
@@ -559,9 +589,9 @@ class Pipeline:
         return self._loaded
 
     def index_path(self, k: int, lam: int, preset: str | None = None) -> Path:
-        """The index of one RapidGrad setting; with ``preset``, the companion index over
-        that ``--params-preset`` (:class:`CompanionIndex`)."""
-        suffix = f"-{preset.replace(':', '')}" if preset else ""
+        """The index of one RapidGrad setting; with ``preset``, the companion index of that
+        ``--variant-index`` value (:class:`CompanionIndex`)."""
+        suffix = f"-{_variant_suffix(preset)}" if preset else ""
         return self.out / f"index-k{k}-l{lam}{suffix}"
 
     def build(self, k: int, lam: int) -> dict:
@@ -970,7 +1000,7 @@ class Pipeline:
         mask = pts.names_mask([p["name"] for p in gradient["parameters"]])
         params = next((p for p in VARIANT_PARAMS if np.array_equal(pts.mask(p), mask)), "custom")
         prefix = "rapidin-tw" if name == "E2 tokens" else "rapidin"
-        suffix = f"-{variant[2].replace(':', '')}" if len(variant) > 2 else ""
+        suffix = f"-{_variant_suffix(variant[2])}" if len(variant) > 2 else ""
         dots, _ = self.score(f"{prefix}-k{k}-l{lam}{suffix}", "rapidin", variant, queries)
         computed = variant_norms(pts.example_norms, mask, normalization)
         if store.has_norms:
@@ -1589,10 +1619,11 @@ def add_run_arguments(parser) -> None:
     add(
         "--variant-index",
         action="append",
-        metavar="PRESET",
+        metavar="PRESET[/none]",
         help="With --score-variants: also write a RapidIn index over this --params-preset "
         "(lora-a, lora-b, last-layers:N) from the same gradient pass, with no further "
-        "backward passes, and add its sketch rows (repeatable).",
+        "backward passes, and add its sketch rows (repeatable); PRESET/none keeps raw "
+        "gradients instead of layer-normalising them (its rows include their cosine).",
     )
 
 

@@ -267,7 +267,7 @@ def test_pass_methods_and_companion_index_equal_their_stand_alone_versions(tmp_p
     tool = _tool("run_backdoor_eval")
     out = tmp_path / "backdoor"
     methods = "exact,tracin,influence-function"
-    extra = ["--score-variants", "--variant-index", "lora-b"]
+    extra = ["--score-variants", "--variant-index", "lora-b", "--variant-index", "lora-b/none"]
     tool.main(["--tiny", "--out", str(out), "--methods", methods, *extra])
     args = _parse_tiny(out, methods, *extra)
     settings = settings_from_args(args, str(out / "tiny-data"), str(out / "tiny-model"))
@@ -287,29 +287,32 @@ def test_pass_methods_and_companion_index_equal_their_stand_alone_versions(tmp_p
     assert passes[0] is False and len(passes) >= 3 and all(passes[1:])
 
     k, lam = pipe.variants[0]
-    companion = Store.open(pipe.index_path(k, lam, "lora-b"))
-    built = tmp_path / "built-lora-b"
-    build_index(
-        BuildSettings(
-            data=str(pipe.train_path),
-            index=str(built),
-            model=settings.model,
-            adapter=str(out / "adapter"),
-            max_length=settings.max_length,
-            sketch=SketchSettings(k=k, shuffle_rounds=lam),
-            gradient=GradientSettings(params_preset="lora-b"),
-        ),
-        loaded=pipe.loaded(),
-        progress=False,
-    )
-    reference = Store.open(built)
-    for section in ("gradient", "sketch", "scores"):
-        assert companion.manifest[section] == reference.manifest[section]
-    assert companion.manifest["gradient"]["params_preset"] == "lora-b"
-    got, want = companion.read_all().astype(np.float32), reference.read_all().astype(np.float32)
-    assert got.shape == want.shape == (len(pipe.records), k)
-    np.testing.assert_allclose(got, want, rtol=1e-2, atol=2e-3 * np.abs(want).max())
-    np.testing.assert_allclose(companion.read_norms(), reference.read_norms(), rtol=1e-4)
+    for spec, normalization in (("lora-b", "layer"), ("lora-b/none", "none")):
+        companion = Store.open(pipe.index_path(k, lam, spec))
+        built = tmp_path / f"built-{normalization}"
+        build_index(
+            BuildSettings(
+                data=str(pipe.train_path),
+                index=str(built),
+                model=settings.model,
+                adapter=str(out / "adapter"),
+                max_length=settings.max_length,
+                sketch=SketchSettings(k=k, shuffle_rounds=lam),
+                gradient=GradientSettings(params_preset="lora-b", normalization=normalization),
+            ),
+            loaded=pipe.loaded(),
+            progress=False,
+        )
+        reference = Store.open(built)
+        for section in ("gradient", "sketch", "scores"):
+            assert companion.manifest[section] == reference.manifest[section]
+        assert companion.manifest["gradient"]["params_preset"] == "lora-b"
+        assert companion.manifest["gradient"]["normalization"] == normalization
+        got = companion.read_all().astype(np.float32)
+        want = reference.read_all().astype(np.float32)
+        assert got.shape == want.shape == (len(pipe.records), k)
+        np.testing.assert_allclose(got, want, rtol=1e-2, atol=2e-3 * np.abs(want).max())
+        np.testing.assert_allclose(companion.read_norms(), reference.read_norms(), rtol=1e-4)
     variants = json.loads((out / "score-variants.json").read_text())
     sketch_params = {
         r["params"]
@@ -318,6 +321,23 @@ def test_pass_methods_and_companion_index_equal_their_stand_alone_versions(tmp_p
         if r["method"].startswith("RapidIn sketch")
     }
     assert sketch_params == {"all", "lora-b"}
+    sketch_normalizations = {
+        r["normalization"]
+        for r in variants["query_sets"]["generation"]
+        if r["method"].startswith("RapidIn sketch") and r["params"] == "lora-b"
+    }
+    assert sketch_normalizations == {"layer", "cosine", "none", "none-cosine"}
+
+
+def test_variant_index_values_name_a_preset_and_optionally_raw_gradients():
+    from rapidin_index.evaluate import parse_variant_index
+
+    assert parse_variant_index("lora-b") == ("lora-b", "layer")
+    assert parse_variant_index("last-layers:2/none") == ("last-layers:2", "none")
+    with pytest.raises(SettingsError, match="after '/'"):
+        parse_variant_index("lora-b/cosine")
+    with pytest.raises(SettingsError, match="params-preset"):
+        parse_variant_index("bogus/none")
 
 
 def _parse_tiny(out, methods, *extra):
