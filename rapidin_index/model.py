@@ -234,7 +234,42 @@ def load_model(
         identity["adapter"] = str(adapter)
         identity["adapter_hash"] = adapter_hash(adapter)
     model.eval()
+    if load_in_4bit:
+        keep_4bit_weights_unpacked(model)
     return LoadedModel(model, tokenizer, identity)
+
+
+def keep_4bit_weights_unpacked(model: torch.nn.Module) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
+
+    On CPUs with AVX512-BF16, a ``Linear4bit`` in eval mode whose input needs no gradient
+    (every layer during ``generate``, the first layer's projections during any forward)
+    converts its weight in place to a packed layout. Forwards stay right, but gradients
+    that flow back through a packed weight do not (bitsandbytes 0.50: relative error ~1.4
+    against the unpacked weight after one generation), so a query that generates and then
+    takes gradients, or an evaluation that generates before scoring, would score noise.
+    This turns the conversion off and undoes it where it already happened. Returns the
+    number of 4-bit layers seen.
+    """
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:  # pragma: no cover - 4-bit models need bitsandbytes
+        return 0
+    try:
+        from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse as unpack
+    except ImportError:  # other bitsandbytes versions: nothing to undo
+        unpack = None
+    layers = 0
+    for module in model.modules():
+        if not isinstance(module, Linear4bit):
+            continue
+        layers += 1
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+        state = getattr(module.weight, "quant_state", None)
+        if unpack is not None and getattr(state, "packing_format_for_cpu", False):
+            module.weight.data, module.weight.quant_state = unpack(module.weight.data, state)
+    return layers
 
 
 # --params-preset NAME: parameter selections by role, expanded into shell globs over

@@ -285,3 +285,32 @@ def test_batched_lora_gradients_on_gpu_equal_one_at_a_time(tiny):
     batched = computer.gradients(examples)
     assert batched.device.type == "cuda" and computer.verified
     torch.testing.assert_close(batched, _reference(computer, examples), rtol=RTOL, atol=ATOL)
+
+
+def test_gradients_of_a_4bit_model_do_not_change_after_it_generates(tmp_path, tiny):
+    """bitsandbytes repacks 4-bit weights for a faster CPU kernel on an inference forward,
+    and gradients through a repacked weight are wrong; load_model must keep them unpacked,
+    so a gradient taken after generate equals the one taken before."""
+    _, tok, examples = tiny
+    from peft import LoraConfig, get_peft_model
+
+    from rapidin_index.model import load_model
+
+    path = make_tiny_model(tmp_path / "tiny64", hidden=64)
+    adapter = tmp_path / "adapter"
+    config = LoraConfig(
+        r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=False
+    )
+    get_peft_model(_full_model(path), config).save_pretrained(adapter)
+    try:
+        loaded = load_model(str(path), str(adapter), load_in_4bit=True)
+    except Exception as err:  # noqa: BLE001 - any failure means 4-bit cannot run here
+        pytest.skip(f"bitsandbytes 4-bit cannot run on this machine: {err}")
+    model = loaded.model
+    computer = GradientComputer(model, select_parameters(model), "none", "loop")
+    before = computer.gradient(examples[0])
+    with torch.no_grad():
+        model.generate(
+            input_ids=torch.tensor([examples[1].input_ids]), max_new_tokens=4, do_sample=False
+        )
+    torch.testing.assert_close(computer.gradient(examples[0]), before, rtol=RTOL, atol=ATOL)

@@ -120,7 +120,7 @@ def main() -> None:
                     epoch + 1,
                     step,
                     steps,
-                    float(loss),
+                    loss.item(),
                     time.perf_counter() - began,
                 )
         logger.info("epoch %d mean loss %.4f", epoch + 1, total / len(examples))
