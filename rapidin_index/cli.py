@@ -130,13 +130,14 @@ def _model_options(fn):
     default=None,
     help="Parameters by role: LoRA A or B matrices, or every parameter of the last N decoder "
     "layers; expanded into globs recorded in the manifest (--params narrows it further) "
-    "[default: all trainable].",
+    "[default: lora-b with --adapter, else all trainable; measured, see README].",
 )
 @click.option(
     "--normalization",
     type=click.Choice(NORMALIZATION_CHOICES),
     default=None,
-    help="Layer-wise L2 normalisation of gradients (paper) or none [default: layer].",
+    help="Layer-wise L2 normalisation of gradients (paper) or none "
+    "[default: none with --adapter, else layer; measured, see README].",
 )
 @_preset_option("--normalization, --params and --params-preset values")
 @click.option(
@@ -238,7 +239,13 @@ def build(
 
     # Checked before anything is launched or loaded.
     normalization, params, params_preset = resolve_build_options(
-        preset, normalization, params, params_preset
+        preset, normalization, params, params_preset, adapter=adapter is not None
+    )
+    logger.info(
+        "gradient: --normalization %s over %s%s",
+        normalization,
+        f"--params-preset {params_preset}" if params_preset else "every trainable tensor",
+        f" matching {' '.join(params)}" if params else "",
     )
     if workers > 1 and "WORLD_SIZE" not in os.environ:
         _relaunch_under_torchrun(ctx, workers)
@@ -339,7 +346,8 @@ def _global_args(ctx: click.Context | None) -> list[str]:
     type=click.Choice(SCORE_CHOICES),
     default=None,
     help="dot: inner product of the stored gradients (paper); cosine: divided by both "
-    "gradients' exact norms (stored at build time; rapidin and exact only) [default: dot].",
+    "gradients' exact norms (stored at build time; rapidin and exact only) "
+    "[default: cosine where defined, else dot; measured, see README].",
 )
 @click.option(
     "--rank-by",
@@ -347,7 +355,7 @@ def _global_args(ctx: click.Context | None) -> list[str]:
     type=click.Choice(RANK_BY_CHOICES),
     default=None,
     help="signed: highest score first (paper); abs: largest magnitude first, each result "
-    "labelled helpful or harmful [default: signed].",
+    "labelled helpful or harmful [default: signed; measured, see README].",
 )
 @_preset_option("--score and --rank-by values")
 @click.option(
@@ -483,7 +491,7 @@ def query(
     from rapidin_index.query import Attributor, read_query_inputs, results_to_json
     from rapidin_index.scores import resolve_query_options
 
-    options = resolve_query_options(preset, score, rank_by)
+    resolve_query_options(preset, score, rank_by, method)  # bad flags fail before loading
     queries = read_query_inputs(generation, prompt, prompt_file)
     if target_text is not None:
         import dataclasses
@@ -501,6 +509,10 @@ def query(
     attributor = Attributor(index, model_spec, adapter, load_in_4bit, baselines=baselines)
     if preset == "paper":
         attributor.check_paper()
+    options = resolve_query_options(
+        preset, score, rank_by, method, has_norms=attributor.store.has_norms
+    )
+    logger.info("score: --score %s --rank-by %s", options.score, options.rank_by)
     results = attributor.attribute(
         queries,
         topk=topk,

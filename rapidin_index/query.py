@@ -40,6 +40,7 @@ from rapidin_index.errors import DataError, ModelError, SettingsError
 from rapidin_index.gradients import GradientComputer
 from rapidin_index.model import LoadedModel, load_model
 from rapidin_index.scores import (
+    COSINE_METHODS,
     SCORES,
     ScoreOptions,
     check_paper_index,
@@ -48,6 +49,7 @@ from rapidin_index.scores import (
     inverse_norms,
     merge_abs,
     rank_rows,
+    resolve_query_options,
 )
 from rapidin_index.sketch import RapidGradSketch, SketchSettings
 from rapidin_index.store import Store, compare_settings
@@ -59,7 +61,6 @@ logger = logging.getLogger(__name__)
 METHODS = ("rapidin", "exact", *BASELINE_METHODS)
 # The methods whose scores are gradient inner products under the index's normalisation,
 # so that --score cosine is defined for them.
-COSINE_METHODS = ("rapidin", "exact")
 
 
 @dataclass(frozen=True)
@@ -122,8 +123,8 @@ class QueryResult:
 
     With ``rank_by="abs"``, ``results`` holds the largest-magnitude scores, each row with
     its signed ``score`` and an ``effect`` (``helpful``, ``harmful`` or ``neutral``);
-    ``bottom`` is always the most harmful (lowest signed score) list. The JSON carries
-    ``score`` and ``rank_by`` when they differ from the paper's ``dot`` / ``signed``.
+    ``bottom`` is always the most harmful (lowest signed score) list. The JSON names the
+    ``score`` and ``rank_by`` that produced the ranking.
     """
 
     prompt: str
@@ -136,11 +137,13 @@ class QueryResult:
     rank_by: str = "signed"
 
     def to_json(self) -> dict:
-        out = {"prompt": self.prompt, "generation": self.generation, "results": self.results}
-        if self.score != "dot":
-            out["score"] = self.score
-        if self.rank_by != "signed":
-            out["rank_by"] = self.rank_by
+        out = {
+            "prompt": self.prompt,
+            "generation": self.generation,
+            "score": self.score,
+            "rank_by": self.rank_by,
+            "results": self.results,
+        }
         if self.bottom is not None:
             out["bottom"] = self.bottom
         if self.tokenwise is not None:
@@ -404,9 +407,11 @@ class Attributor:
         """Rank training examples for each query (generating missing generations first).
 
         ``options`` picks the score (``dot`` / ``cosine``) and the ranking (``signed`` /
-        ``abs``); default: the paper's signed inner product.
+        ``abs``); default: :func:`~rapidin_index.scores.resolve_query_options`'s defaults
+        for ``method`` and this index.
         """
-        options = options or ScoreOptions()
+        if options is None:
+            options = resolve_query_options(None, method=method, has_norms=self.store.has_norms)
         options.validate()
         if topk < 1:
             raise SettingsError(f"--topk must be at least 1, got {topk}")

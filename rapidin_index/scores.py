@@ -44,14 +44,22 @@ from rapidin_index.errors import SettingsError
 logger = logging.getLogger(__name__)
 
 SCORES = ("dot", "cosine")
+# Methods whose scores are gradient inner products, which --score cosine divides by norms.
+COSINE_METHODS = ("rapidin", "exact")
 RANK_BY = ("signed", "abs")
 PRESETS = ("paper",)
 
-# Defaults of the options; for now the paper's definition. --preset paper keeps the paper's
-# definition whatever these become.
+# Defaults of the options, chosen by the retrieval figures of the evaluation harness
+# (docs/eval/score-variants.md: two backdoor sets and the error-tracing set, exact gradients
+# and RapidGrads). Those runs fine-tuned LoRA adapters, so the build defaults that change
+# what is stored apply to adapter gradients only; a full-parameter index keeps the paper's
+# layer normalisation over every tensor, for which there is no evidence either way here.
+# --preset paper keeps the paper's definition whatever these are.
 DEFAULT_NORMALIZATION = "layer"
 DEFAULT_PARAMS_PRESET: str | None = None
-DEFAULT_SCORE = "dot"
+ADAPTER_DEFAULT_NORMALIZATION = "none"
+ADAPTER_DEFAULT_PARAMS_PRESET: str | None = "lora-b"
+DEFAULT_SCORE = "cosine"
 DEFAULT_RANK_BY = "signed"
 
 PAPER_NORMALIZATION = "layer"
@@ -68,7 +76,8 @@ EFFECTS = ("helpful", "harmful", "neutral")
 
 @dataclass(frozen=True)
 class ScoreOptions:
-    """Query-time score options.
+    """Query-time score options; without arguments, the paper's (signed inner product).
+    :func:`resolve_query_options` gives the command line's defaults.
 
     Attributes:
         score: ``"dot"`` (inner product of the stored gradients) or ``"cosine"`` (divided by
@@ -76,8 +85,8 @@ class ScoreOptions:
         rank_by: ``"signed"`` (highest score first) or ``"abs"`` (largest magnitude first).
     """
 
-    score: str = DEFAULT_SCORE
-    rank_by: str = DEFAULT_RANK_BY
+    score: str = PAPER_SCORE
+    rank_by: str = PAPER_RANK_BY
 
     def validate(self) -> None:
         if self.score not in SCORES:
@@ -100,12 +109,16 @@ def resolve_build_options(
     normalization: str | None,
     params: Sequence[str] = (),
     params_preset: str | None = None,
+    adapter: bool = False,
 ) -> tuple[str, tuple[str, ...], str | None]:
     """The build's ``(normalization, params, params_preset)`` from its flags.
 
-    ``None`` means "not given": the default applies. ``--preset paper`` fixes the paper's
-    definition (layer normalisation, every trainable tensor) and refuses flags that
-    contradict it.
+    ``None`` means "not given": the default applies. With ``adapter`` (gradients of a LoRA
+    adapter's tensors) the defaults are :data:`ADAPTER_DEFAULT_NORMALIZATION` and, when
+    neither ``--params`` nor ``--params-preset`` is given, :data:`ADAPTER_DEFAULT_PARAMS_PRESET`;
+    otherwise :data:`DEFAULT_NORMALIZATION` over every trainable tensor. ``--preset paper``
+    fixes the paper's definition (layer normalisation, every trainable tensor) and refuses
+    flags that contradict it.
 
     Raises:
         SettingsError: unknown preset, or a flag that contradicts it.
@@ -125,17 +138,26 @@ def resolve_build_options(
                 f"drop {', '.join(clashes)} or drop --preset paper"
             )
         return PAPER_NORMALIZATION, (), None
-    return (
-        normalization if normalization is not None else DEFAULT_NORMALIZATION,
-        tuple(params),
-        params_preset if params_preset is not None else DEFAULT_PARAMS_PRESET,
-    )
+    if normalization is None:
+        normalization = ADAPTER_DEFAULT_NORMALIZATION if adapter else DEFAULT_NORMALIZATION
+    if params_preset is None and not params:
+        params_preset = ADAPTER_DEFAULT_PARAMS_PRESET if adapter else DEFAULT_PARAMS_PRESET
+    return normalization, tuple(params), params_preset
 
 
 def resolve_query_options(
-    preset: str | None, score: str | None = None, rank_by: str | None = None
+    preset: str | None,
+    score: str | None = None,
+    rank_by: str | None = None,
+    method: str = "rapidin",
+    has_norms: bool = True,
 ) -> ScoreOptions:
     """Query-time :class:`ScoreOptions` from the flags (``None``: not given).
+
+    The default score, :data:`DEFAULT_SCORE`, falls back to ``dot`` where ``cosine`` is not
+    defined: for methods other than ``rapidin`` and ``exact``, and for a ``rapidin`` query of
+    an index built before row norms were stored (``has_norms=False``; logged). A ``--score``
+    given explicitly is never replaced.
 
     Raises:
         SettingsError: unknown values, or ``--preset paper`` with a contradicting flag.
@@ -157,10 +179,17 @@ def resolve_query_options(
             )
         options = ScoreOptions(PAPER_SCORE, PAPER_RANK_BY)
     else:
-        options = ScoreOptions(
-            score if score is not None else DEFAULT_SCORE,
-            rank_by if rank_by is not None else DEFAULT_RANK_BY,
-        )
+        if score is None:
+            score = DEFAULT_SCORE
+            if score == "cosine" and method not in COSINE_METHODS:
+                score = "dot"
+            elif score == "cosine" and method == "rapidin" and not has_norms:
+                logger.warning(
+                    "this index stores no row norms (built by an older version), so the "
+                    "default --score cosine falls back to dot; rebuild it for cosine"
+                )
+                score = "dot"
+        options = ScoreOptions(score, rank_by if rank_by is not None else DEFAULT_RANK_BY)
     options.validate()
     return options
 

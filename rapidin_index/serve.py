@@ -55,6 +55,7 @@ from pydantic import BaseModel, Field
 from rapidin_index import __version__, webpage
 from rapidin_index.errors import DataError, RapidInError, SettingsError
 from rapidin_index.query import Attributor, QueryInput, QueryResult
+from rapidin_index.scores import inverse_norms, resolve_query_options
 
 logger = logging.getLogger(__name__)
 
@@ -354,6 +355,10 @@ class QueryService:
         self.settings = settings or ServeSettings()
         self.settings.validate()
         self.attributor = attributor
+        # The query command's default score (cosine where the index stores row norms),
+        # ranked by signed value.
+        self.options = resolve_query_options(None, has_norms=attributor.store.has_norms)
+        self.cosine = self.options.score == "cosine"
         self.admission = Admission(self.settings.max_concurrent, self.settings.max_queue)
         self.gate = ModelGate()
         self._pool = concurrent.futures.ThreadPoolExecutor(
@@ -436,7 +441,14 @@ class QueryService:
 
     def _scan(self, q: np.ndarray, topk: int, bottom: bool):
         with self._store_lock:
-            return self.attributor._scan(q, topk, bottom, self.settings.engine)
+            return self.attributor._scan(q, topk, bottom, self.settings.engine, self.cosine)
+
+    def _vector(self, query: QueryInput) -> np.ndarray:
+        """(K,) float32 RapidGrad of the query, divided by its exact norm for cosine."""
+        vectors, norms = self.attributor.rapidgrads_and_norms([query])
+        if self.cosine:
+            return vectors[0] * inverse_norms(norms).astype(np.float32)[0]
+        return vectors[0]
 
     def _prepare(self, query: QueryInput, max_new_tokens: int) -> tuple[QueryInput, np.ndarray]:
         """(the query with its generation, its (K,) float32 RapidGrad); model thread."""
@@ -444,7 +456,7 @@ class QueryService:
             query = replace(
                 query, generation=self.attributor.generate(query.instruction, max_new_tokens)
             )
-        return query, self.attributor.rapidgrads([query])[0]
+        return query, self._vector(query)
 
     # -- requests -------------------------------------------------------------------------
 
@@ -470,6 +482,8 @@ class QueryService:
                 generation=full.generation or "",
                 results=self.attributor._rows(*top),
                 bottom=self.attributor._rows(*low) if low is not None else None,
+                score=self.options.score,
+                rank_by=self.options.rank_by,
             )
             if full.target_text is not None:
                 from rapidin_index.tokenwise import find_target
@@ -500,6 +514,8 @@ class QueryService:
     def _tokenwise(self, query: QueryInput, example_id: int, pairwise: bool) -> QueryResult:
         from rapidin_index.tokenwise import annotate
 
+        # Token-wise scores are Eq. 6 inner products, so the sketch score shown beside their
+        # mean is the inner product too, whatever score ranks the attribute results.
         vector = self.attributor.rapidgrads([query])[0]
         with self._store_lock:
             stored = self.attributor.store.read_rows([example_id])[0]

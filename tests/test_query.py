@@ -29,7 +29,8 @@ def test_scan_results_equal_brute_force_over_the_store(index):
     att = Attributor(index)
     queries = [QueryInput("the cat sat", "on the mat"), QueryInput("why water", "fire earth")]
     results = att.attribute(queries, topk=7, bottom=True)
-    scores = att.score_all(queries)
+    assert {r.score for r in results} == {"cosine"}  # the default where rows have norms
+    scores = att.score_all(queries, score="cosine")
     for res, row in zip(results, scores):
         ids, _ = topk_rows(row, 7)
         assert [r["id"] for r in res.results] == ids.tolist()

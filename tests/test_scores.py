@@ -349,14 +349,32 @@ def test_scan_row_scale_multiplies_each_rows_score(engine):
 
 
 def test_option_resolution_and_the_paper_preset():
+    # Defaults: the paper's gradient without an adapter; raw LoRA B gradients with one,
+    # unless the user picked the tensors (--params or --params-preset) or the normalisation.
     assert resolve_build_options(None, None) == ("layer", (), None)
+    assert resolve_build_options(None, None, adapter=True) == ("none", (), "lora-b")
+    assert resolve_build_options(None, "layer", adapter=True) == ("layer", (), "lora-b")
+    assert resolve_build_options(None, None, ("*q_proj*",), adapter=True) == (
+        "none",
+        ("*q_proj*",),
+        None,
+    )
+    assert resolve_build_options(None, None, (), "lora-a", adapter=True) == ("none", (), "lora-a")
+    assert resolve_build_options("paper", None, adapter=True) == ("layer", (), None)
     assert resolve_build_options("paper", "layer") == ("layer", (), None)
     assert resolve_build_options(None, "none", ("*q*",), "lora-b") == ("none", ("*q*",), "lora-b")
     with pytest.raises(SettingsError, match="--normalization none"):
         resolve_build_options("paper", "none")
     with pytest.raises(SettingsError, match="--params-preset lora-b"):
         resolve_build_options("paper", None, (), "lora-b")
-    assert resolve_query_options(None) == ScoreOptions("dot", "signed")
+    # Query defaults: cosine where it is defined, signed ranking; an explicit flag wins.
+    assert resolve_query_options(None) == ScoreOptions("cosine", "signed")
+    assert resolve_query_options(None, method="exact") == ScoreOptions("cosine", "signed")
+    assert resolve_query_options(None, method="bm25") == ScoreOptions("dot", "signed")
+    assert resolve_query_options(None, has_norms=False) == ScoreOptions("dot", "signed")
+    assert resolve_query_options(None, "cosine", has_norms=False) == ScoreOptions("cosine")
+    assert resolve_query_options(None, "dot", "abs") == ScoreOptions("dot", "abs")
+    assert ScoreOptions() == ScoreOptions("dot", "signed")  # the paper's
     assert resolve_query_options("paper", "dot") == ScoreOptions("dot", "signed")
     assert resolve_query_options(None, "cosine", "abs") == ScoreOptions("cosine", "abs")
     with pytest.raises(SettingsError, match="--rank-by abs"):
@@ -439,7 +457,9 @@ def test_cli_score_flags(lora, layer_index, tmp_path):
         "json",
     )
     assert paper.exit_code == 0, paper.output
-    assert set(json.loads(paper.stdout)["queries"][0]) == {"prompt", "generation", "results"}
+    paper_query = json.loads(paper.stdout)["queries"][0]
+    assert set(paper_query) == {"prompt", "generation", "score", "rank_by", "results"}
+    assert (paper_query["score"], paper_query["rank_by"]) == ("dot", "signed")
     clash = _run(
         "query",
         "--index",
@@ -619,6 +639,7 @@ def test_score_variants_stage_on_a_finished_run_dir(tmp_path):
     paper = next(r for r in rows if r["paper"])
     assert paper["metrics"]["Top 5 auPRC"] == pytest.approx(main["5"]["auprc"], abs=1e-6)
     assert paper["metrics"]["Top 5 auROC"] == pytest.approx(main["5"]["auroc"], abs=1e-6)
+    # A rerun redoes no gradient work: only the summary tables are written again.
     tool.main([*args, "--score-variants"])
     stages = json.loads((out / "results.json").read_text())["stages"]
-    assert all(s["cached"] for s in stages), stages
+    assert [s["stage"] for s in stages if not s["cached"]] == ["score variants"], stages

@@ -102,9 +102,9 @@ def _visible_text(page: str) -> str:
 
 
 def _hold(monkeypatch, attributor, parties: int | None = None):
-    """Make ``attributor.rapidgrads`` wait: for ``release`` (an Event), or until ``parties``
-    calls have arrived (a Barrier). Returns (entered, release)."""
-    original = attributor.rapidgrads
+    """Make ``attributor.rapidgrads_and_norms`` wait: for ``release`` (an Event), or until
+    ``parties`` calls have arrived (a Barrier). Returns (entered, release)."""
+    original = attributor.rapidgrads_and_norms
     entered = threading.Event()
     release = threading.Event()
     barrier = threading.Barrier(parties) if parties else None
@@ -117,7 +117,7 @@ def _hold(monkeypatch, attributor, parties: int | None = None):
             release.wait(timeout=30)
         return original(queries)
 
-    monkeypatch.setattr(attributor, "rapidgrads", held)
+    monkeypatch.setattr(attributor, "rapidgrads_and_norms", held)
     return entered, release
 
 
@@ -354,9 +354,9 @@ def test_queries_arriving_together_share_one_scan_with_equal_results(
     calls = []
     original_scan = attributor._scan
 
-    def spy(q, topk, bottom, engine):
+    def spy(q, topk, bottom, engine, cosine=False):
         calls.append((q.shape[0], topk, bottom))
-        return original_scan(q, topk, bottom, engine)
+        return original_scan(q, topk, bottom, engine, cosine)
 
     monkeypatch.setattr(attributor, "_scan", spy)
     first = {"prompt": PROMPT, "generation": GENERATION, "topk": 4}
@@ -392,7 +392,7 @@ def test_out_of_memory_in_a_query_is_a_503_and_the_service_lives_on(
     def no_memory(queries):
         raise MemoryError("cannot allocate")
 
-    monkeypatch.setattr(attributor, "rapidgrads", no_memory)
+    monkeypatch.setattr(attributor, "rapidgrads_and_norms", no_memory)
     body = {"prompt": PROMPT, "generation": GENERATION}
     with TestClient(create_app(make_service())) as http:
         failed = http.post("/api/attribute", json=body)

@@ -76,7 +76,8 @@ def test_json_without_token_flags_keeps_the_existing_format(built):
     result = _query(built, "--format", "json", "--topk", "3")
     assert result.exit_code == 0, result.output
     q = json.loads(result.output)["queries"][0]
-    assert set(q) == {"prompt", "generation", "results"}
+    assert set(q) == {"prompt", "generation", "score", "rank_by", "results"}
+    assert (q["score"], q["rank_by"]) == ("cosine", "signed")  # the defaults
     assert set(q["results"][0]) == {"rank", "id", "score", "instruction", "input", "output"}
 
 
