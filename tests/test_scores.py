@@ -565,6 +565,23 @@ def test_cli_build_with_paper_preset_records_it(lora, tmp_path):
     assert scores["preset"] == "paper" and scores["paper_gradient"]
 
 
+def test_cli_build_of_an_adapter_defaults_to_raw_lora_b_gradients(lora, tmp_path):
+    model, adapter, data = lora
+    args = ["--data", data, "--model", model, "--adapter", adapter, "-k", "256", "--limit", "4"]
+    result = _run("build", "--index", str(tmp_path / "ix"), *args)
+    assert result.exit_code == 0, result.output
+    manifest = Store.open(tmp_path / "ix").manifest
+    gradient = manifest["gradient"]
+    assert gradient["normalization"] == "none" and gradient["params_preset"] == "lora-b"
+    assert all(".lora_B." in p["name"] for p in gradient["parameters"])
+    assert not manifest["scores"]["paper_gradient"]
+    # Choosing the tensors yourself turns the LoRA B default off.
+    result = _run("build", "--index", str(tmp_path / "iq"), *args, "--params", "*q_proj*")
+    assert result.exit_code == 0, result.output
+    gradient = Store.open(tmp_path / "iq").manifest["gradient"]
+    assert gradient["params_preset"] is None and gradient["normalization"] == "none"
+
+
 # ---- score variants ------------------------------------------------------------------------
 
 
