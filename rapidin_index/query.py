@@ -59,8 +59,6 @@ logger = logging.getLogger(__name__)
 # rapidin: RapidGrad scan; exact: TracIn with layer-wise normalisation on full gradients;
 # the rest are the paper's baselines (rapidin_index/baselines.py).
 METHODS = ("rapidin", "exact", *BASELINE_METHODS)
-# The methods whose scores are gradient inner products under the index's normalisation,
-# so that --score cosine is defined for them.
 
 
 @dataclass(frozen=True)
@@ -324,6 +322,14 @@ class Attributor:
             out = self.sketch.transform(grads)
         return out.cpu().numpy().astype(np.float32), norms
 
+    def scan_vectors(self, queries: Sequence[QueryInput], cosine: bool) -> np.ndarray:
+        """(m, K) float32 RapidGrads to scan the store with: with ``cosine`` each divided
+        by its gradient's exact norm (the rows' norms are the scan's ``row_scale``)."""
+        q, norms = self.rapidgrads_and_norms(queries)
+        if cosine:
+            q = q * inverse_norms(norms).astype(np.float32)[:, None]
+        return q
+
     def require_norms(self) -> None:
         """Raise :class:`SettingsError` unless the index stores its rows' gradient norms."""
         if not self.store.has_norms:
@@ -430,10 +436,8 @@ class Attributor:
         ]
         absolute = options.rank_by == "abs"
         if method == "rapidin":
-            q, norms = self.rapidgrads_and_norms(queries)
             cosine = options.score == "cosine"
-            if cosine:
-                q = q * inverse_norms(norms).astype(np.float32)[:, None]
+            q = self.scan_vectors(queries, cosine)
             began = time.perf_counter()
             # The largest magnitudes are among the highest and the lowest scores.
             tops, bots = self._scan(q, topk, bottom or absolute, engine, cosine=cosine)

@@ -55,7 +55,7 @@ from pydantic import BaseModel, Field
 from rapidin_index import __version__, webpage
 from rapidin_index.errors import DataError, RapidInError, SettingsError
 from rapidin_index.query import Attributor, QueryInput, QueryResult
-from rapidin_index.scores import inverse_norms, resolve_query_options
+from rapidin_index.scores import resolve_query_options
 
 logger = logging.getLogger(__name__)
 
@@ -443,20 +443,13 @@ class QueryService:
         with self._store_lock:
             return self.attributor._scan(q, topk, bottom, self.settings.engine, self.cosine)
 
-    def _vector(self, query: QueryInput) -> np.ndarray:
-        """(K,) float32 RapidGrad of the query, divided by its exact norm for cosine."""
-        vectors, norms = self.attributor.rapidgrads_and_norms([query])
-        if self.cosine:
-            return vectors[0] * inverse_norms(norms).astype(np.float32)[0]
-        return vectors[0]
-
     def _prepare(self, query: QueryInput, max_new_tokens: int) -> tuple[QueryInput, np.ndarray]:
         """(the query with its generation, its (K,) float32 RapidGrad); model thread."""
         if query.generation is None:
             query = replace(
                 query, generation=self.attributor.generate(query.instruction, max_new_tokens)
             )
-        return query, self._vector(query)
+        return query, self.attributor.scan_vectors([query], self.cosine)[0]
 
     # -- requests -------------------------------------------------------------------------
 
